@@ -1,0 +1,48 @@
+"""threadflow: run jobs as a DAG of tasks with parallel children, retries and timeouts,
+every step logged to SQLite.
+
+The public names are re-exported here; see ``docs/`` and ``API.md`` for the contract.
+"""
+
+from . import signals
+from .cancel import CancelToken, current_token, sleep
+from .children import add_child_task, add_children_tasks, results
+from .errors import (
+    AlreadyStarted,
+    CancelledError,
+    DuplicateChildError,
+    FlowDefinitionError,
+    FlowRunning,
+    StoreError,
+    TaskTimeout,
+    ThreadflowError,
+)
+from .flow import ALL_OVER, Flow, _registry_servers, task  # noqa: F401
+from .result import RunHandle, RunResult
+from .store import EventStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_OVER",
+    "AlreadyStarted",
+    "CancelToken",
+    "CancelledError",
+    "DuplicateChildError",
+    "EventStore",
+    "Flow",
+    "FlowDefinitionError",
+    "FlowRunning",
+    "RunHandle",
+    "RunResult",
+    "StoreError",
+    "TaskTimeout",
+    "ThreadflowError",
+    "add_child_task",
+    "add_children_tasks",
+    "current_token",
+    "results",
+    "signals",
+    "sleep",
+    "task",
+]

@@ -1,0 +1,94 @@
+"""Cancel tokens: how a running attempt learns that it should stop.
+
+Cancellation is cooperative for threads: the coordinator cancels the token (timeout, a failed
+run, ``stop()``) and the task notices it through :func:`sleep`, :meth:`CancelToken.wait`,
+:meth:`CancelToken.raise_if_cancelled` or :attr:`CancelToken.cancelled`. A thread that never
+looks is abandoned, not joined.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .errors import CancelledError
+
+
+class CancelToken:
+    """The cancel state of one attempt. Cancelling is idempotent; the first reason wins."""
+
+    __slots__ = ("_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the attempt has been cancelled."""
+        return self._event.is_set()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the attempt to stop; safe from any thread, any number of times."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`~threadflow.CancelledError` if the attempt has been cancelled."""
+        if self._event.is_set():
+            raise CancelledError(self.reason or "cancelled")
+
+    def wait(self, seconds: float | None) -> None:
+        """Sleep up to ``seconds`` (None: until cancelled), waking at once on cancel.
+
+        :raises CancelledError: when the token is (or becomes) cancelled.
+        """
+        if self._event.wait(seconds):
+            raise CancelledError(self.reason or "cancelled")
+
+    def __repr__(self) -> str:
+        state = f"cancelled ({self.reason})" if self.cancelled else "active"
+        return f"<CancelToken {state}>"
+
+
+class _Local(threading.local):
+    # The attempt the current worker thread is running, or None outside a task.
+    ctx: Any = None
+
+
+_local = _Local()
+
+
+def current_context() -> Any:
+    """The running attempt of this thread (engine internal), or None."""
+    return _local.ctx
+
+
+def current_token() -> CancelToken:
+    """The cancel token of the attempt running in this thread.
+
+    :raises RuntimeError: outside a ``task_func`` or ``child_task_func``.
+    """
+    ctx = _local.ctx
+    if ctx is None:
+        raise RuntimeError(
+            "threadflow.current_token() was called outside a task; call it from inside a "
+            "task_func or child_task_func"
+        )
+    return ctx.token  # type: ignore[no-any-return]
+
+
+def sleep(seconds: float) -> None:
+    """Sleep that wakes on cancel: inside a task it is ``current_token().wait(seconds)``.
+
+    Outside a task it is a plain :func:`time.sleep`.
+
+    :raises CancelledError: when the running attempt is cancelled during the sleep.
+    """
+    ctx = _local.ctx
+    if ctx is None:
+        time.sleep(seconds)
+    else:
+        ctx.token.wait(seconds)

@@ -1,0 +1,156 @@
+"""Adding children from inside a task, and reading their results."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from .cancel import current_context
+from .errors import CancelledError
+
+#: Children are sent to the coordinator, and made durable, this many at a time.
+CHUNK = 1000
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_valid_id(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, _SCALARS)
+
+
+def encode_id(task: str, child_id: Any) -> str:
+    """The canonical JSON text of a child id (``1``, ``1.0`` and ``True`` stay distinct).
+
+    :raises TypeError: naming the child, if the id is not a JSON scalar or a list of them.
+    """
+    if not _valid_id(child_id):
+        raise TypeError(
+            f"task {task!r}: child id {child_id!r} is not a JSON scalar or a list of them; "
+            "use str, int, float, bool, None or a list/tuple of those"
+        )
+    return json.dumps(child_id, separators=(",", ":"), ensure_ascii=False)
+
+
+def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
+    try:
+        child_id, payload = item
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"task {task!r}: each child must be a (child_id, payload) pair, got {item!r}"
+        ) from None
+    cid = encode_id(task, child_id)
+    try:
+        payload_json = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"task {task!r}: child {child_id!r} has a payload that is not JSON-serialisable "
+            f"({exc}); pass plain data (dict, list, str, numbers, bool, None)"
+        ) from None
+    return cid, '{"payload":' + payload_json + ',"by":' + by + "}"
+
+
+def _attempt_for(state: Mapping[str, Any], where: str) -> Any:
+    ctx = current_context()
+    if ctx is None:
+        raise RuntimeError(
+            f"threadflow.{where}() was called outside a task; call it from inside a task_func "
+            "or child_task_func"
+        )
+    if ctx.stage.spec.child_task_func is None:
+        raise RuntimeError(
+            f"threadflow.{where}(): task {ctx.stage.name!r} has no child_task_func, so it cannot "
+            "have children; add child_task_func=<function(child, state)> to its task()"
+        )
+    if state.get("run_id") != ctx.run.run_id:
+        raise RuntimeError(
+            f"threadflow.{where}(): the state passed belongs to another run; pass the state "
+            "your task received"
+        )
+    return ctx
+
+
+def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, Any]) -> None:
+    """Add children ``(child_id, payload)`` to the running task; they are durable on return.
+
+    ``children`` may be any iterable, a generator included: it is consumed in chunks of
+    :data:`CHUNK`, each committed to the store before the next is read. The children start once
+    the calling attempt succeeds, and are discarded if it fails.
+
+    :raises RuntimeError: outside a task, or in a task without ``child_task_func``.
+    :raises TypeError: naming the child, for an id or payload that is not JSON.
+    :raises DuplicateChildError: for an id already added to this task in this run.
+    :raises CancelledError: if the attempt was cancelled meanwhile.
+    """
+    ctx = _attempt_for(state, "add_children_tasks")
+    task, by = ctx.stage.name, ctx.child_json or "null"
+    ctx.token.raise_if_cancelled()
+    ids: list[str] = []
+    datas: list[str] = []
+    for item in children:
+        cid, data = _encode_child(task, item, by)
+        ids.append(cid)
+        datas.append(data)
+        if len(ids) >= CHUNK:
+            _send(ctx, ids, datas)
+            ids, datas = [], []
+    if ids:
+        _send(ctx, ids, datas)
+
+
+def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> None:
+    """Add one child; see :func:`add_children_tasks`."""
+    ctx = _attempt_for(state, "add_child_task")
+    ctx.token.raise_if_cancelled()
+    cid, data = _encode_child(ctx.stage.name, (child_id, payload), ctx.child_json or "null")
+    _send(ctx, [cid], [data])
+
+
+class Reply:
+    """A worker's wait for the coordinator to commit a chunk of children."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+
+    def set(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.event.set()
+
+
+def _send(ctx: Any, ids: list[str], datas: list[str]) -> None:
+    reply = Reply()
+    coord = ctx.coord
+    coord.post(("add", ctx.uid, ids, datas, reply))
+    # The coordinator answers every "add" it takes, also when it stops; if it died instead,
+    # stop waiting rather than hang the worker forever.
+    while not reply.event.wait(0.5):
+        if not coord.alive():
+            raise CancelledError("stop")
+    if reply.error is not None:
+        raise reply.error
+
+
+def results(state: Mapping[str, Any], task: str) -> Iterator[tuple[Any, Any]]:
+    """``(child_id, result)`` pairs of ``task``'s finished children in the run of ``state``.
+
+    In the order the children were added; streamed from the store. Works during the run (from a
+    task or callback) and after it (from ``RunResult.state``).
+
+    :raises ValueError: if ``task`` is not a task of the flow.
+    """
+    flow = state.get("task_flow")
+    if flow is not None and task not in flow.tasks:
+        raise ValueError(
+            f"flow {flow.name!r} has no task {task!r}; its tasks are {sorted(flow.tasks)}"
+        )
+    return state["store"].results(state["run_id"], task)  # type: ignore[no-any-return]

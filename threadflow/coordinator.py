@@ -1,0 +1,853 @@
+"""The coordinator: the one thread that owns a server's run state and decides what runs next.
+
+Everything that changes run state happens here, on this thread: workers and callers talk to it
+only through its inbox. One loop turn: take a batch of messages, fire due deadlines, start what
+may start, then ``_flush``: commit the turn's events in one transaction, fire their signals in
+order, submit the new attempts, answer the workers waiting on ``add_children_tasks``, deliver
+finished runs. A signal therefore always sees its event in the store, and a task always sees
+the state changes its ``task_start`` callbacks made.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+from . import signals
+from ._clock import monotonic, utcnow
+from .cancel import CancelToken
+from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
+from .isolation import ExecutorPool, ThreadPool, error_data, run_attempt
+from .result import RunHandle, RunResult
+from .store import EventStore, Writer, decode_id
+
+log = logging.getLogger("threadflow")
+
+#: Messages taken per loop turn at most, so that commits and deadlines stay regular under load.
+BATCH = 10_000
+#: Waiting children read from the store per refill of a stage's window.
+WINDOW = 512
+
+
+def _brief(exc: BaseException) -> dict[str, str]:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return {"type": name, "message": str(exc)}
+
+
+class _Run:
+    """One run of the flow; lives from its ``start`` message to its final event."""
+
+    __slots__ = ("run_id", "handle", "state", "view", "waiting", "stages", "open", "failed", "over")
+
+    def __init__(self, handle: RunHandle, state: dict[str, Any], waiting: dict[str, set[str]]):
+        self.run_id = handle.run_id
+        self.handle = handle
+        self.state = state
+        self.view = MappingProxyType(state)  # what task functions get: read-only, live
+        self.waiting = waiting  # task -> predecessors (reachable in this run) not yet all over
+        self.stages: dict[str, _Stage] = {}
+        self.open = 0  # stages started and not yet all over
+        self.failed: list[tuple[Any, ...]] = []
+        self.over = False
+
+
+class _Stage:
+    """A task of a run: its parent attempt, and the queue and running set of its children.
+
+    Waiting children stay in the store: ``ranges`` holds seq ranges of released
+    ``child_added`` rows, ``buffer`` a small window read from them. ``running`` is in start
+    order, and all attempts of a task have the same timeout, so its first entry holds the
+    stage's next deadline.
+    """
+
+    __slots__ = (
+        "name",
+        "spec",
+        "run",
+        "cap",
+        "parent",
+        "parent_done",
+        "ranges",
+        "buffer",
+        "retry_ready",
+        "running",
+        "delayed",
+        "done",
+        "failed",
+        "over",
+    )
+
+    def __init__(self, name: str, spec: Any, run: _Run) -> None:
+        self.name = name
+        self.spec = spec
+        self.run = run
+        self.cap: int = spec.max_concurrency or os.cpu_count() or 1
+        self.parent: _Attempt | None = None
+        self.parent_done = False
+        self.ranges: deque[list[int]] = deque()
+        self.buffer: deque[tuple[int, str, str]] = deque()
+        self.retry_ready: deque[tuple[str, int, str, int]] = deque()
+        self.running: OrderedDict[int, _Attempt] = OrderedDict()
+        self.delayed = 0  # retries waiting for their delay
+        self.done = 0
+        self.failed = 0
+        self.over = False
+
+
+class _Attempt:
+    """One attempt, identified by ``uid``; also the worker thread's context while it runs."""
+
+    __slots__ = (
+        "uid",
+        "run",
+        "stage",
+        "coord",
+        "child_json",
+        "ref",
+        "data",
+        "number",
+        "token",
+        "deadline",
+        "held",
+        "abandoned",
+    )
+
+    def __init__(
+        self,
+        uid: int,
+        stage: _Stage,
+        coord: Coordinator,
+        child_json: str | None,
+        ref: int | None,
+        data: str | None,
+        number: int,
+    ) -> None:
+        self.uid = uid
+        self.run = stage.run
+        self.stage = stage
+        self.coord = coord
+        self.child_json = child_json  # None for the parent attempt
+        self.ref = ref  # seq of the child's child_added event
+        self.data = data  # the child_added data (payload)
+        self.number = number
+        self.token = CancelToken()
+        self.deadline: float | None = None  # set when submitted
+        self.held: list[list[int]] = []  # seq ranges of children this attempt added
+        self.abandoned = False
+
+    def task(self) -> tuple[Any, ...]:
+        if self.child_json is None:
+            return (self.stage.name,)
+        return (self.stage.name, decode_id(self.child_json))
+
+
+def _state_receiver(method: Callable[..., Any]) -> Callable[..., None]:
+    def receive(sender: Any, **kw: Any) -> None:
+        method(kw["state"])
+
+    return receive
+
+
+def _task_receiver(method: Callable[..., Any]) -> Callable[..., None]:
+    def receive(sender: Any, **kw: Any) -> None:
+        method(kw["task"], kw["state"])
+
+    return receive
+
+
+class Coordinator:
+    """A server's coordinator thread and everything it owns."""
+
+    def __init__(
+        self,
+        server: Any,
+        definition: Any,
+        path: str,
+        return_to: Any,
+        executor: Any,
+        extra_state: dict[str, Any],
+    ) -> None:
+        self.server = server
+        self.definition = definition
+        self.path = path
+        self.store = EventStore(path)
+        self.return_to = return_to
+        self.extra = dict(extra_state)
+        self.grace = float(server.abandon_grace)
+        self.fsync = bool(server.fsync)
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.post = self.inbox.put
+        name = str(server.name)
+        self.pool: Any = ExecutorPool(executor) if executor is not None else ThreadPool(name)
+        self.thread = threading.Thread(
+            target=self._main, name=f"threadflow-coordinator-{name}", daemon=True
+        )
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        #: Abandoned attempts still alive; written here only, read from any thread.
+        self.abandoned = 0
+        self._uids = itertools.count(1)
+        self.attempts: dict[int, _Attempt] = {}  # current attempts: their outcome counts
+        self.cancelled: dict[int, _Attempt] = {}  # cancelled, thread not returned yet
+        self._heap: list[tuple[float, int, str, Any]] = []  # retry delays, abandon grace
+        self._hseq = itertools.count()
+        self.run: _Run | None = None
+        self.now = 0.0
+        self._ts: str | None = None
+        self._stop_at: float | None = None
+        self._exit = False
+        # Work of the current turn, done in _flush after the commit.
+        self._rows: list[tuple[Any, ...]] = []
+        self._sigs: list[tuple[Any, dict[str, Any]]] = []
+        self._submit: list[_Attempt] = []
+        self._replies: list[Any] = []
+        self._after: list[Callable[[], None]] = []
+        self._handlers: list[tuple[Any, Callable[..., None]]] = []
+        self._host = socket.gethostname()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._connect_handlers()
+        self.thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._disconnect_handlers()
+            raise self._start_error
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _connect_handlers(self) -> None:
+        from .flow import Flow
+
+        cls = type(self.server)
+        for name, sig in signals.HANDLERS.items():
+            if getattr(cls, name) is getattr(Flow, name):
+                continue  # not overridden: costs nothing per event
+            method = getattr(self.server, name)
+            make = (
+                _state_receiver if sig in (signals.start_flow, signals.all_over) else _task_receiver
+            )
+            receiver = make(method)
+            # Held strongly: a weakly held closure would vanish at once.
+            sig.connect(receiver, sender=self.server, weak=False)
+            self._handlers.append((sig, receiver))
+
+    def _disconnect_handlers(self) -> None:
+        for sig, receiver in self._handlers:
+            sig.disconnect(receiver, sender=self.server)
+        self._handlers.clear()
+
+    def _main(self) -> None:
+        try:
+            self.writer = Writer(self.path, fsync=self.fsync)
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("threadflow: coordinator of %r failed", self.server.name, exc_info=True)
+            self._crash(exc)
+        finally:
+            self.pool.shutdown()
+            try:
+                self.writer.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                log.exception("threadflow: closing the store failed")
+            self._disconnect_handlers()
+            with self.server._lock:
+                self.server._stopped = True
+            self.server._unregister()
+
+    def _loop(self) -> None:
+        get, get_nowait = self.inbox.get, self.inbox.get_nowait
+        handle = self._handle
+        while not self._exit:
+            wait = self._wait_time()
+            try:
+                msg = get(timeout=wait) if wait is None or wait > 0 else get_nowait()
+            except queue.Empty:
+                msg = None
+            self.now = monotonic()
+            self._ts = None
+            taken = 0
+            while msg is not None:
+                handle(msg)
+                taken += 1
+                if taken >= BATCH:
+                    break
+                try:
+                    msg = get_nowait()
+                except queue.Empty:
+                    msg = None
+            self._fire_due()
+            self._dispatch()
+            self._flush()
+            if self._stop_at is not None:
+                self._maybe_finish_stop()
+
+    def _wait_time(self) -> float | None:
+        when: float | None = self._heap[0][0] if self._heap else None
+        run = self.run
+        if run is not None:
+            for stage in run.stages.values():
+                for att in (stage.parent, next(iter(stage.running.values()), None)):
+                    if att is not None and att.deadline is not None:
+                        when = att.deadline if when is None else min(when, att.deadline)
+        if self._stop_at is not None:
+            when = self._stop_at if when is None else min(when, self._stop_at)
+        return None if when is None else max(0.0, when - monotonic())
+
+    def _crash(self, exc: BaseException) -> None:
+        error = ThreadflowError(
+            f"the coordinator of server {self.server.name!r} failed ({exc!r}); the run stays "
+            "unfinished in the store"
+        )
+        for att in self.attempts.values():
+            att.token.cancel("stop")
+        for reply in self._replies:
+            reply.set(CancelledError("stop"))
+        run = self.run
+        if run is not None:
+            self.run = None
+            self._deliver(run, RunResult("interrupted", run.run_id, run.state, error=error))
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _handle(self, msg: tuple[Any, ...]) -> None:
+        tag = msg[0]
+        if tag == "done":
+            self._on_done(*msg[1:])
+        elif tag == "add":
+            self._on_add(*msg[1:])
+        elif tag == "start":
+            self._on_start(*msg[1:])
+        elif tag == "stop":
+            self._on_stop(*msg[1:])
+        else:  # pragma: no cover
+            raise AssertionError(f"unknown message {tag!r}")
+
+    def _stamp(self) -> str:
+        if self._ts is None:
+            self._ts = utcnow().isoformat()
+        return self._ts
+
+    def _event(
+        self,
+        run_id: str,
+        kind: str,
+        task: str | None = None,
+        child: str | None = None,
+        attempt: int | None = None,
+        ref: int | None = None,
+        data: str | None = None,
+    ) -> None:
+        self._rows.append((run_id, self._stamp(), kind, task, child, attempt, ref, data))
+
+    def _signal(self, sig: Any, run: _Run, task: Any, attempt: int | None, **error: Any) -> None:
+        # Nobody listening: nothing is built (no per-child cost).
+        if sig.receivers:
+            if isinstance(task, _Attempt):
+                task = task.task()
+            self._sigs.append(
+                (
+                    sig,
+                    {
+                        "task": task,
+                        "state": run.state,
+                        "run_id": run.run_id,
+                        "attempt": attempt,
+                        **error,
+                    },
+                )
+            )
+
+    def _on_start(self, handle: RunHandle, entrance: str) -> None:
+        d = self.definition
+        state = dict(self.extra)
+        state.update(
+            start_time=handle.start_time, run_id=handle.run_id, store=self.store, task_flow=d
+        )
+        if self._stop_at is not None:  # stop() came right behind this start
+            self._after.append(
+                lambda: self._deliver_to(handle, RunResult("interrupted", handle.run_id, state))
+            )
+            return
+        reachable = d.reachable(entrance)
+        waiting = {n: set(d.predecessors[n] & reachable) for n in reachable}
+        run = _Run(handle, state, waiting)
+        self.run = run
+        ts = self._stamp()
+        self.writer.run_started(
+            {
+                "run_id": run.run_id,
+                "flow": d.name,
+                "server": str(self.server.name),
+                "entrance": entrance,
+                "started": ts,
+                "pid": os.getpid(),
+                "host": self._host,
+            }
+        )
+        self._event(
+            run.run_id,
+            "flow_started",
+            data=json.dumps(
+                {
+                    "flow": d.name,
+                    "server": str(self.server.name),
+                    "entrance": entrance,
+                    "pid": os.getpid(),
+                    "host": self._host,
+                }
+            ),
+        )
+        self._signal(signals.start_flow, run, None, None)
+        self._start_stage(run, entrance)
+
+    def _start_stage(self, run: _Run, name: str) -> None:
+        stage = _Stage(name, self.definition.tasks[name], run)
+        run.stages[name] = stage
+        run.open += 1
+        self._start_attempt(stage, None, None, None, 1)
+
+    def _start_attempt(
+        self, stage: _Stage, child: str | None, ref: int | None, data: str | None, number: int
+    ) -> None:
+        att = _Attempt(next(self._uids), stage, self, child, ref, data, number)
+        self.attempts[att.uid] = att
+        if child is None:
+            stage.parent = att
+        else:
+            stage.running[att.uid] = att
+        self._event(stage.run.run_id, "task_started", stage.name, child, number, ref)
+        self._signal(signals.task_start, stage.run, att, number)
+        self._submit.append(att)
+
+    def _detach(self, att: _Attempt) -> None:
+        """Remove a current attempt from its stage and from the current set."""
+        del self.attempts[att.uid]
+        if att.child_json is None:
+            att.stage.parent = None
+        else:
+            del att.stage.running[att.uid]
+
+    def _on_done(self, uid: int, error: BaseException | None, value: Any, data: str | None) -> None:
+        att = self.attempts.get(uid)
+        if att is None:
+            self._late(uid, error)
+            return
+        self._detach(att)
+        stage, run = att.stage, att.run
+        if self._stop_at is not None:
+            # Stopping: record what really happened, decide nothing more.
+            kind = "task_over" if error is None else "exit"
+            self._event(run.run_id, kind, stage.name, att.child_json, att.number, att.ref, data)
+            return
+        if error is not None:
+            self._failed(att, "exit", error, data)
+            return
+        self._event(run.run_id, "task_over", stage.name, att.child_json, att.number, att.ref, data)
+        self._signal(signals.task_over, run, att, att.number)
+        stage.ranges.extend(att.held)  # its children are released, in the order added
+        if att.child_json is None:
+            stage.parent_done = True
+        else:
+            stage.done += 1
+        self._maybe_stage_over(stage)
+
+    def _late(self, uid: int, error: BaseException | None) -> None:
+        """An outcome of an attempt that is no longer current: logged, never acted on."""
+        att = self.cancelled.pop(uid, None)
+        if att is None:  # pragma: no cover - every submitted attempt is current or cancelled
+            return
+        if att.abandoned:
+            self.abandoned -= 1
+        outcome = {"outcome": "over" if error is None else "exit"}
+        if error is not None:
+            outcome["error"] = _brief(error)  # type: ignore[assignment]
+        self._event(
+            att.run.run_id,
+            "stale",
+            att.stage.name,
+            att.child_json,
+            att.number,
+            att.ref,
+            json.dumps(outcome),
+        )
+        log.debug("threadflow: ignored the late outcome of %r attempt %d", att.task(), att.number)
+
+    def _on_add(self, uid: int, ids: list[str], datas: list[str], reply: Any) -> None:
+        att = self.attempts.get(uid)
+        if att is None or self._stop_at is not None:
+            reply.set(CancelledError(att.token.reason if att else "cancelled"))
+            return
+        run, stage = att.run, att.stage
+        if self._rows:  # keep seq order: earlier events of this turn go first
+            self.writer.append(self._rows)
+            self._rows = []
+        ts = self._stamp()
+        rows = [
+            (run.run_id, ts, "child_added", stage.name, cid, att.number, None, data)
+            for cid, data in zip(ids, datas, strict=True)
+        ]
+        try:
+            first = self.writer.add_children(run.run_id, stage.name, rows, ids)
+        except DuplicateChildError as exc:
+            reply.set(exc)
+            return
+        att.held.append([first, first + len(rows) - 1])
+        self._replies.append(reply)
+
+    def _discard(self, att: _Attempt) -> None:
+        """Drop the children of a failed attempt; a retry may add the same ids again."""
+        held, att.held = att.held, []
+        self.writer.discard_children([(lo, hi) for lo, hi in held])
+        count = sum(hi - lo + 1 for lo, hi in held)
+        self._event(
+            att.run.run_id,
+            "children_discarded",
+            att.stage.name,
+            att.child_json,
+            att.number,
+            att.ref,
+            json.dumps({"count": count}),
+        )
+
+    def _retries(self, att: _Attempt, error: BaseException) -> bool:
+        if att.number >= att.stage.spec.attempts:
+            return False
+        try:
+            return att.stage.spec.retries(error)
+        except Exception:
+            log.exception("threadflow: retry_on of task %r raised; not retrying", att.stage.name)
+            return False
+
+    def _delay(self, att: _Attempt) -> float:
+        try:
+            return att.stage.spec.retry_delay(att.number)
+        except Exception:
+            log.exception(
+                "threadflow: task_retry_delay of %r raised; retrying at once", att.stage.name
+            )
+            return 0.0
+
+    def _failed(self, att: _Attempt, kind: str, error: BaseException, data: str | None) -> None:
+        """An attempt ended by ``exit`` or ``timeout``: retry it, tolerate it, or fail the run."""
+        run, stage = att.run, att.stage
+        self._event(run.run_id, kind, stage.name, att.child_json, att.number, att.ref, data)
+        sig = signals.task_exit if kind == "exit" else signals.task_timeout
+        self._signal(sig, run, att, att.number, error=error)
+        if att.held:
+            self._discard(att)
+        nxt = att.number + 1
+        if self._retries(att, error):
+            delay = self._delay(att)
+            self._event(
+                run.run_id,
+                "retry",
+                stage.name,
+                att.child_json,
+                att.number,
+                att.ref,
+                json.dumps({"delay": delay, "next_attempt": nxt}),
+            )
+            self._signal(signals.task_retry, run, att, att.number, error=error)
+            item = (att.child_json, att.ref, att.data, nxt)
+            if delay > 0:
+                stage.delayed += 1
+                heapq.heappush(
+                    self._heap, (self.now + delay, next(self._hseq), "retry", (stage, item))
+                )
+            elif att.child_json is None:
+                self._start_attempt(stage, None, None, None, nxt)
+            else:
+                stage.retry_ready.append(item)  # ahead of children not yet started
+            return
+        tolerated = att.child_json is not None and not stage.spec.exit_on_failed
+        self._event(
+            run.run_id,
+            "task_failed",
+            stage.name,
+            att.child_json,
+            att.number,
+            att.ref,
+            json.dumps({"error": _brief(error), "tolerated": tolerated}),
+        )
+        self._signal(signals.task_failed, run, att, att.number, error=error)
+        if not tolerated:
+            self._end_run(run, "failed_over", att.task(), error)
+            return
+        run.failed.append(att.task())
+        stage.failed += 1
+        self._maybe_stage_over(stage)
+
+    def _maybe_stage_over(self, stage: _Stage) -> None:
+        if (
+            stage.over
+            or not stage.parent_done
+            or stage.running
+            or stage.delayed
+            or stage.retry_ready
+            or stage.buffer
+            or stage.ranges
+        ):
+            return
+        stage.over = True
+        run = stage.run
+        run.open -= 1
+        self._event(
+            run.run_id,
+            "task_all_over",
+            stage.name,
+            data=json.dumps({"done": stage.done, "failed": stage.failed}),
+        )
+        self._signal(signals.task_all_over, run, (stage.name,), None)
+        for nxt in stage.spec.successors:
+            waiting = run.waiting[nxt]
+            waiting.discard(stage.name)
+            if not waiting and nxt not in run.stages:
+                self._start_stage(run, nxt)
+        if run.open == 0:
+            self._end_run(run, "all_over", None, None)
+
+    def _end_run(
+        self, run: _Run, outcome: str, task: tuple[Any, ...] | None, error: BaseException | None
+    ) -> None:
+        run.over = True
+        for att in list(self.attempts.values()):  # every current attempt is of this run
+            self._detach(att)
+            self._cancel(att, "run_over")
+        data: dict[str, Any] = {"failed": [list(t) for t in run.failed]}
+        if task is not None:
+            data["task"] = list(task)
+            data["error"] = _brief(error) if error is not None else None
+        self._event(run.run_id, outcome, data=json.dumps(data))
+        self.writer.run_ended(run.run_id, self._stamp(), outcome)
+        if outcome == "all_over":
+            self._signal(signals.all_over, run, None, None)
+        else:
+            self._signal(signals.failed_over, run, task, None, error=error)
+        result = RunResult(outcome, run.run_id, run.state, task, error, list(run.failed))
+        self._after.append(lambda: self._deliver(run, result))
+        self.run = None
+
+    def _cancel(self, att: _Attempt, reason: str) -> None:
+        att.token.cancel(reason)
+        self.cancelled[att.uid] = att
+        heapq.heappush(self._heap, (self.now + self.grace, next(self._hseq), "grace", att.uid))
+
+    def _on_stop(self, grace: float) -> None:
+        if self._stop_at is not None:
+            return
+        self._stop_at = self.now + grace
+        for att in self.attempts.values():
+            att.token.cancel("stop")
+
+    def _maybe_finish_stop(self) -> None:
+        assert self._stop_at is not None
+        if self.attempts and monotonic() < self._stop_at:
+            return
+        run = self.run
+        if run is not None:
+            self.now = monotonic()
+            for att in list(self.attempts.values()):
+                self._detach(att)
+                self.cancelled[att.uid] = att
+                att.abandoned = True
+                self.abandoned += 1
+                self._event(
+                    run.run_id, "abandoned", att.stage.name, att.child_json, att.number, att.ref
+                )
+            self._event(run.run_id, "interrupted", data=json.dumps({"reason": "stop"}))
+            self.writer.run_ended(run.run_id, self._stamp(), "interrupted")
+            result = RunResult("interrupted", run.run_id, run.state, None, None, list(run.failed))
+            self._after.append(lambda: self._deliver(run, result))
+            self.run = None
+            self._flush()
+        self._exit = True
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def _fire_due(self) -> None:
+        now = self.now
+        run = self.run
+        if run is not None and self._stop_at is None:
+            for stage in list(run.stages.values()):
+                att = stage.parent
+                if att is not None and att.deadline is not None and att.deadline <= now:
+                    self._timeout(att)
+                while not run.over and stage.running:
+                    att = next(iter(stage.running.values()))
+                    if att.deadline is None or att.deadline > now:
+                        break
+                    self._timeout(att)
+                if run.over:
+                    break
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, kind, item = heapq.heappop(heap)
+            if kind == "grace":
+                att = self.cancelled.get(item)
+                if att is not None and not att.abandoned:
+                    att.abandoned = True
+                    self.abandoned += 1
+                    self._event(
+                        att.run.run_id,
+                        "abandoned",
+                        att.stage.name,
+                        att.child_json,
+                        att.number,
+                        att.ref,
+                    )
+            else:  # a retry whose delay has passed
+                stage, (child, ref, data, number) = item
+                if stage.run is not self.run or stage.run.over or self._stop_at is not None:
+                    continue
+                stage.delayed -= 1
+                if child is None:
+                    self._start_attempt(stage, None, None, None, number)
+                else:
+                    stage.retry_ready.append((child, ref, data, number))
+
+    def _timeout(self, att: _Attempt) -> None:
+        self._detach(att)
+        self._cancel(att, "timeout")
+        timeout = att.stage.spec.task_timeout
+        error = TaskTimeout(att.task(), att.number, timeout)
+        self._failed(
+            att, "timeout", error, json.dumps({"timeout": timeout, "error": _brief(error)})
+        )
+
+    # -- starting children ------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        run = self.run
+        if run is None or self._stop_at is not None:
+            return
+        for stage in list(run.stages.values()):
+            if stage.over or not stage.parent_done:
+                continue
+            free = stage.cap - len(stage.running)
+            while free > 0:
+                if stage.retry_ready:
+                    self._start_attempt(stage, *stage.retry_ready.popleft())
+                elif stage.buffer or self._refill(stage):
+                    seq, child, data = stage.buffer.popleft()
+                    self._start_attempt(stage, child, seq, data, 1)
+                else:
+                    break
+                free -= 1
+
+    def _refill(self, stage: _Stage) -> bool:
+        ranges = stage.ranges
+        while ranges:
+            span = ranges[0]
+            rows = self.writer.read_children(span[0], span[1], WINDOW)
+            if rows:
+                last = rows[-1][0]
+                if last >= span[1] or len(rows) < WINDOW:
+                    ranges.popleft()
+                else:
+                    span[0] = last + 1
+                stage.buffer.extend(rows)
+                return True
+            ranges.popleft()
+        return False
+
+    # -- end of turn ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        writer = self.writer
+        if self._rows:
+            writer.append(self._rows)
+            self._rows = []
+        writer.commit()
+        if self._sigs:
+            sigs, self._sigs = self._sigs, []
+            for sig, kwargs in sigs:
+                self._send(sig, kwargs)
+        if self._submit:
+            subs, self._submit = self._submit, []
+            start = monotonic()
+            for att in subs:
+                if att.uid not in self.attempts:
+                    continue  # cancelled before it was handed out
+                timeout = att.stage.spec.task_timeout
+                if timeout:
+                    att.deadline = start + timeout
+                try:
+                    self.pool.submit(run_attempt, att)
+                except Exception as exc:  # e.g. a user executor that was shut down
+                    self.post(("done", att.uid, exc, None, json.dumps({"error": error_data(exc)})))
+        if self._replies:
+            replies, self._replies = self._replies, []
+            for reply in replies:
+                reply.set()
+        if self._after:
+            after, self._after = self._after, []
+            for action in after:
+                action()
+        if self._rows:  # callback errors recorded while sending signals
+            writer.append(self._rows)
+            self._rows = []
+            writer.commit()
+
+    def _send(self, sig: Any, kwargs: dict[str, Any]) -> None:
+        """Call each receiver; one that raises is logged and recorded, the others still run."""
+        for receiver in sig.receivers_for(self.server):
+            try:
+                receiver(self.server, **kwargs)
+            except Exception as exc:
+                log.exception("threadflow: a %s receiver raised", sig.name)
+                task = kwargs.get("task")
+                self._event(
+                    kwargs["run_id"],
+                    "callback_error",
+                    task[0] if task else None,
+                    data=json.dumps(
+                        {
+                            "signal": sig.name,
+                            "task": list(task) if task else None,
+                            "receiver": getattr(receiver, "__qualname__", repr(receiver)),
+                            "error": error_data(exc),
+                        },
+                        default=repr,
+                    ),
+                )
+
+    def _deliver(self, run: _Run, result: RunResult) -> None:
+        self.server._run_ended(run.handle)
+        self._deliver_to(run.handle, result)
+
+    def _deliver_to(self, handle: RunHandle, result: RunResult) -> None:
+        handle._set(result)
+        target = self.return_to
+        if target is None:
+            return
+        try:
+            if hasattr(target, "put"):
+                target.put(result)
+            else:
+                target(result)
+        except Exception:
+            log.exception("threadflow: return_to raised for run %s", result.run_id)

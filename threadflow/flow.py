@@ -1,0 +1,596 @@
+"""The flow DSL: :class:`Flow`, :func:`task`, ``ALL_OVER`` and the definition checks.
+
+A flow is a class; each :func:`task` attribute is a stage. The definition is checked when the
+class is created, so a bad flow fails at import, not in the middle of a run. An instance of the
+class is a *server*: it owns a coordinator thread and runs one flow at a time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import difflib
+import functools
+import graphlib
+import inspect
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from .errors import AlreadyStarted, FlowDefinitionError, FlowRunning, ThreadflowError
+from .result import RunHandle, RunResult
+
+#: ``next=ALL_OVER`` ends a branch; the run is over when every branch has reached it.
+ALL_OVER = "all_over"
+
+_ISOLATIONS = ("thread", "subprocess")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+@dataclass(eq=False)
+class TaskSpec:
+    """One stage of a flow, as written with :func:`task`. Checked when the flow class is made."""
+
+    task_func: Any
+    child_task_func: Any
+    max_concurrency: Any
+    exit_on_failed: Any
+    task_retry_limit: Any
+    task_timeout: Any
+    task_retry_delay: Any
+    retry_on: Any
+    isolation: Any
+    next: Any
+    name: str = ""
+    #: Names of the next tasks; empty for ``ALL_OVER``. Set by the definition check.
+    successors: tuple[str, ...] = field(default=())
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @property
+    def attempts(self) -> int:
+        """Attempts in total (``task_retry_limit`` with the seed's meaning: 0 and 1 are one)."""
+        return max(1, int(self.task_retry_limit))
+
+    def retry_delay(self, failed_attempt: int) -> float:
+        """Seconds to wait before the attempt after ``failed_attempt``."""
+        delay = self.task_retry_delay
+        value = delay(failed_attempt) if callable(delay) else delay
+        return max(0.0, float(value))
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether ``retry_on`` lets ``error`` be retried."""
+        rule = self.retry_on
+        if rule is None:
+            return True
+        if isinstance(rule, tuple) or (isinstance(rule, type) and issubclass(rule, BaseException)):
+            return isinstance(error, rule)
+        return bool(rule(error))
+
+
+def task(
+    task_func: Callable[[Mapping[str, Any]], Any] = _MISSING,
+    *,
+    child_task_func: Callable[[tuple[Any, Any], Mapping[str, Any]], Any] | None = None,
+    max_concurrency: int | None = None,
+    exit_on_failed: bool = True,
+    task_retry_limit: int = 3,
+    task_timeout: float | None = None,
+    task_retry_delay: float | Callable[[int], float] = 0.0,
+    retry_on: type[BaseException]
+    | tuple[type[BaseException], ...]
+    | Callable[[BaseException], bool]
+    | None = None,
+    isolation: str = "thread",
+    next: str | list[str] = _MISSING,
+) -> TaskSpec:
+    """Declare a task of a :class:`Flow`; the attribute name is the task name.
+
+    :param task_func: ``f(state)``, the parent attempt (required).
+    :param child_task_func: ``f(child, state)`` with ``child == (child_id, payload)``; required
+        for a task that adds children.
+    :param max_concurrency: children of this task running at once (default: CPU count).
+    :param exit_on_failed: a child that uses up its attempts fails the whole run; with False it
+        is recorded, listed in ``RunResult.failed``, and the flow goes on.
+    :param task_retry_limit: attempts in total, the first included (0 and 1: one attempt).
+    :param task_timeout: seconds per attempt, or None for no limit.
+    :param task_retry_delay: seconds before the next attempt, or ``f(failed_attempt) -> seconds``.
+    :param retry_on: exception types, or ``predicate(error) -> bool``, that may be retried
+        (None: every failure, timeouts included). A rejected error uses up the attempts.
+    :param isolation: ``"thread"`` (cooperative cancel) or ``"subprocess"``.
+    :param next: the next task, a list of them (fan-out), or ``ALL_OVER``.
+    """
+    return TaskSpec(
+        task_func,
+        child_task_func,
+        max_concurrency,
+        exit_on_failed,
+        task_retry_limit,
+        task_timeout,
+        task_retry_delay,
+        retry_on,
+        isolation,
+        next,
+    )
+
+
+@dataclass(frozen=True)
+class FlowDefinition:
+    """A checked flow: its tasks, the default entrance and the graph (``state["task_flow"]``)."""
+
+    name: str
+    tasks: Mapping[str, TaskSpec]
+    default_entrance: str
+    predecessors: Mapping[str, frozenset[str]]
+
+    def reachable(self, entrance: str) -> frozenset[str]:
+        """The tasks a run started at ``entrance`` can reach."""
+        seen = {entrance}
+        todo = [entrance]
+        while todo:
+            for nxt in self.tasks[todo.pop()].successors:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return frozenset(seen)
+
+    def check_entrance(self, entrance: str) -> None:
+        """:raises FlowDefinitionError: if ``entrance`` is not a task of this flow."""
+        if entrance not in self.tasks:
+            raise FlowDefinitionError(
+                f"flow {self.name!r}: entrance {entrance!r} is not a task"
+                f"{_suggest(entrance, self.tasks)}; tasks are {sorted(self.tasks)}"
+            )
+
+
+def _suggest(name: Any, names: Any) -> str:
+    close = difflib.get_close_matches(str(name), list(names), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _takes(func: Any, n: int) -> bool:
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return True
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> None:
+    name = spec.name
+
+    def fail(message: str) -> FlowDefinitionError:
+        return FlowDefinitionError(f"flow {flow!r}: task {name!r} {message}")
+
+    if name == ALL_OVER:
+        raise fail("uses the reserved name 'all_over' (it is ALL_OVER); rename the task")
+    if spec.task_func is _MISSING or spec.task_func is None:
+        raise fail("has no task_func; pass task_func=<function(state)>")
+    for label, func, n, shape in (
+        ("task_func", spec.task_func, 1, "(state)"),
+        ("child_task_func", spec.child_task_func, 2, "(child, state)"),
+    ):
+        if func is None:
+            continue
+        if not callable(func):
+            raise fail(f"has {label}={func!r}, which is not callable; pass a function{shape}")
+        if not _takes(func, n):
+            fname = getattr(func, "__name__", repr(func))
+            raise fail(
+                f"has {label}={fname}, which cannot be called with {n} argument"
+                f"{'s' if n > 1 else ''} {shape}; define it as def {fname}{shape}"
+            )
+    mc = spec.max_concurrency
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
+        raise fail(
+            f"has max_concurrency={mc!r}; it must be a positive integer, e.g. max_concurrency=10"
+        )
+    if not isinstance(spec.exit_on_failed, bool):
+        raise fail(f"has exit_on_failed={spec.exit_on_failed!r}; use True or False")
+    limit = spec.task_retry_limit
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise fail(
+            f"has task_retry_limit={limit!r}; it must be an integer >= 0 (attempts in total)"
+        )
+    timeout = spec.task_timeout
+    if timeout is not None and (not _is_number(timeout) or not timeout > 0):
+        raise fail(
+            f"has task_timeout={timeout!r}; it must be a positive number of seconds, "
+            "or None for no limit"
+        )
+    delay = spec.task_retry_delay
+    if not callable(delay) and (not _is_number(delay) or not delay >= 0):
+        raise fail(
+            f"has task_retry_delay={delay!r}; use seconds >= 0 or a function(failed_attempt)"
+        )
+    rule = spec.retry_on
+    is_exc = isinstance(rule, type) and issubclass(rule, BaseException)
+    is_excs = isinstance(rule, tuple) and all(
+        isinstance(r, type) and issubclass(r, BaseException) for r in rule
+    )
+    if rule is not None and not (
+        is_exc or is_excs or (callable(rule) and not isinstance(rule, type))
+    ):
+        raise fail(
+            f"has retry_on={rule!r}; use an exception type, a tuple of them, or a "
+            "predicate(error) -> bool"
+        )
+    if spec.isolation not in _ISOLATIONS:
+        raise fail(
+            f"has isolation={spec.isolation!r}{_suggest(spec.isolation, _ISOLATIONS)}; "
+            "use 'thread' or 'subprocess'"
+        )
+    if spec.isolation == "subprocess":
+        raise NotImplementedError(
+            f"flow {flow!r}: task {name!r}: isolation='subprocess' is not available in this "
+            "version yet; use isolation='thread'"
+        )
+    nxt = spec.next
+    if nxt is _MISSING or nxt is None:
+        raise fail("has no next; add next='<task>', next=['a', 'b'] or next=ALL_OVER")
+    if isinstance(nxt, str):
+        targets = [] if nxt == ALL_OVER else [nxt]
+    elif isinstance(nxt, (list, tuple)) and nxt and all(isinstance(n, str) for n in nxt):
+        if ALL_OVER in nxt:
+            raise fail(f"has next={list(nxt)!r}; ALL_OVER cannot be part of a list")
+        if len(set(nxt)) != len(nxt):
+            raise fail(f"has next={list(nxt)!r}, which names a task twice")
+        targets = list(nxt)
+    else:
+        raise fail(
+            f"has next={nxt!r}; use a task name, a non-empty list of task names, or ALL_OVER"
+        )
+    for target in targets:
+        if target not in names:
+            raise fail(f"names next={target!r}, which is not a task{_suggest(target, names)}")
+        if target == name:
+            raise fail(f"names itself as next; tasks form a cycle: {name} -> {name}")
+    spec.successors = tuple(targets)
+
+
+def _check_flow(cls: type) -> FlowDefinition | None:
+    tasks: dict[str, TaskSpec] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if isinstance(value, TaskSpec):
+                tasks[name] = value
+            elif name in tasks:  # overridden by a non-task attribute
+                del tasks[name]
+    if not tasks:
+        return None  # an abstract flow: a base class with callbacks, no tasks
+    flow = cls.__qualname__
+    for spec in tasks.values():
+        _check_task(flow, spec, tasks)
+    preds: dict[str, set[str]] = {name: set() for name in tasks}
+    for spec in tasks.values():
+        for target in spec.successors:
+            preds[target].add(spec.name)
+    try:
+        graphlib.TopologicalSorter(preds).prepare()
+    except graphlib.CycleError as exc:
+        cycle = list(reversed(exc.args[1]))
+        raise FlowDefinitionError(
+            f"flow {flow!r}: task {cycle[0]!r} is part of a cycle: {' -> '.join(cycle)}; "
+            "a flow must be a DAG, so point one of these next= at another task or ALL_OVER"
+        ) from None
+    entrance = getattr(cls, "default_entrance", None)
+    if entrance is None:
+        roots = sorted(name for name, p in preds.items() if not p)
+        if len(roots) != 1:
+            raise FlowDefinitionError(
+                f"flow {flow!r}: no default_entrance, and the flow has {len(roots)} first tasks "
+                f"{roots}; set default_entrance = '<task>' in the class"
+            )
+        entrance = roots[0]
+    elif not isinstance(entrance, str) or entrance not in tasks:
+        raise FlowDefinitionError(
+            f"flow {flow!r}: default_entrance={entrance!r} is not a task"
+            f"{_suggest(entrance, tasks)}; tasks are {sorted(tasks)}"
+        )
+    return FlowDefinition(
+        flow,
+        MappingProxyType(tasks),
+        entrance,
+        MappingProxyType({n: frozenset(p) for n, p in preds.items()}),
+    )
+
+
+# The server registry: the one piece of module-level mutable state (names are per process).
+_registry: dict[str, Flow] = {}
+_registry_lock = threading.Lock()
+
+
+def _registry_servers() -> list[Flow]:
+    """The servers registered in this process (for shutdown and test clean-up)."""
+    with _registry_lock:
+        return list(_registry.values())
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    # Daemon threads die silently at exit; stop servers first so runs are recorded interrupted.
+    for server in _registry_servers():
+        server.stop(timeout=2.0)
+
+
+class _Hybrid:
+    """``Example.start_flow(name_or_server)`` on the class, ``server.start_flow()`` on a server."""
+
+    def __init__(self, on_class: Callable[..., Any], on_server: Callable[..., Any]) -> None:
+        self.on_class, self.on_server = on_class, on_server
+        functools.update_wrapper(self, on_server)  # type: ignore[arg-type]
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Callable[..., Any]:
+        if obj is None:
+            return functools.partial(self.on_class, objtype)
+        return functools.partial(self.on_server, obj)
+
+
+class Flow:
+    """Base class of flows. Subclass it, declare tasks with :func:`task`, then ``start_link``.
+
+    Class keyword ``server_name``: a string (registered in this process) or ``("global", name)``.
+    Default: the class's qualified name. Class attributes: ``default_entrance`` (optional when
+    the flow has exactly one first task), ``abandon_grace`` (seconds a cancelled thread gets
+    before it is recorded as abandoned), ``stop_grace`` (seconds ``stop()`` waits for running
+    attempts by default), ``fsync`` (True: ``synchronous=FULL``, every commit survives a power
+    loss).
+
+    Callbacks (``handle_*``) run on the coordinator thread, one at a time, after their event is
+    committed; they may change ``state`` in place and should not block.
+    """
+
+    definition: ClassVar[FlowDefinition | None] = None
+    default_entrance: ClassVar[str | None] = None
+    abandon_grace: ClassVar[float] = 1.0
+    stop_grace: ClassVar[float] = 5.0
+    fsync: ClassVar[bool] = False
+    _server_name: ClassVar[Any] = None
+
+    def __init_subclass__(cls, server_name: Any = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if server_name is not None and not (
+            isinstance(server_name, str)
+            or (
+                isinstance(server_name, tuple)
+                and len(server_name) == 2
+                and server_name[0] == "global"
+                and isinstance(server_name[1], str)
+            )
+        ):
+            raise FlowDefinitionError(
+                f"flow {cls.__qualname__!r}: server_name={server_name!r}; use a string or "
+                "('global', name)"
+            )
+        cls._server_name = server_name if server_name is not None else cls.__qualname__
+        cls.definition = _check_flow(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            f"a {type(self).__name__} server is made by {type(self).__name__}.start_link(...), "
+            "not by calling the class"
+        )
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    @classmethod
+    def start_link(
+        cls,
+        store: str | os.PathLike[str] | None = None,
+        return_to: Any = None,
+        executor: Any = None,
+        **extra_state: Any,
+    ) -> Flow:
+        """Start a server: its coordinator thread opens the store and waits for runs.
+
+        :param store: SQLite file (created if missing); default ``$THREADFLOW_DB`` or
+            ``threadflow.db`` in the working directory.
+        :param return_to: a queue (anything with ``.put``) or a callable that receives the
+            :class:`RunResult` of every run, on the coordinator thread.
+        :param executor: a :class:`concurrent.futures.Executor` to run attempts in (default: the
+            server's own daemon threads, which never block interpreter exit).
+        :param extra_state: entries put into every run's state.
+        :raises AlreadyStarted: if a server with this name is running.
+        :raises StoreError: if the store cannot be opened.
+        """
+        from .coordinator import Coordinator
+        from .store import default_path
+
+        definition = cls.definition
+        if definition is None:
+            raise FlowDefinitionError(
+                f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
+            )
+        name = cls._server_name
+        if isinstance(name, tuple):
+            raise NotImplementedError(
+                f"flow {cls.__qualname__!r}: global server names ({name!r}) are not available in "
+                "this version yet; use a string server_name"
+            )
+        reserved = {"start_time", "run_id", "store", "task_flow"} & set(extra_state)
+        if reserved:
+            raise TypeError(
+                f"start_link(): {sorted(reserved)} are set by threadflow in every run's state; "
+                "pass your entries under other names"
+            )
+        if return_to is not None and not (hasattr(return_to, "put") or callable(return_to)):
+            raise TypeError(
+                f"start_link(): return_to={return_to!r} has no .put() and is not callable; pass "
+                "a queue.Queue or a function(result)"
+            )
+        self = object.__new__(cls)
+        self._name = name
+        self._lock = threading.Lock()  # guards _active and _stopped, never held across user code
+        self._active: RunHandle | None = None
+        self._stopped = False
+        path = os.fspath(store) if store is not None else default_path()
+        with _registry_lock:
+            running = _registry.get(name)
+            if running is not None:
+                raise AlreadyStarted(name, running)
+            _registry[name] = self
+        try:
+            self._coord = Coordinator(self, definition, path, return_to, executor, extra_state)
+            self._coord.start()
+        except BaseException:
+            self._unregister()
+            raise
+        return self
+
+    def _unregister(self) -> None:
+        with _registry_lock:
+            if _registry.get(self._name) is self:
+                del _registry[self._name]
+
+    def _start_flow_server(self, entrance: str | None = None) -> RunHandle:
+        """Start a run of this server's flow at ``entrance`` (default: ``default_entrance``).
+
+        :raises FlowRunning: if a run is in progress (no callback fires).
+        :raises FlowDefinitionError: for an unknown entrance.
+        """
+        import uuid
+
+        from ._clock import utcnow
+
+        definition = self._coord.definition
+        entrance = definition.default_entrance if entrance is None else entrance
+        definition.check_entrance(entrance)
+        with self._lock:
+            if self._stopped:
+                raise ThreadflowError(
+                    f"server {self._name!r} is stopped; start a new one with start_link()"
+                )
+            if self._active is not None:
+                raise FlowRunning(self._name, self._active.run_id, self._active.start_time)
+            handle = RunHandle(uuid.uuid4().hex[:12], utcnow())
+            self._active = handle
+        self._coord.post(("start", handle, entrance))
+        return handle
+
+    @classmethod
+    def _start_flow_class(cls, name_or_server: Any, entrance: str | None = None) -> RunHandle:
+        server = name_or_server
+        if not isinstance(server, Flow):
+            server = cls.whereis(name_or_server)
+            if server is None:
+                raise ThreadflowError(
+                    f"no server named {name_or_server!r} is running; start it with "
+                    f"{cls.__name__}.start_link()"
+                )
+        return server._start_flow_server(entrance)
+
+    start_flow = _Hybrid(_start_flow_class.__func__, _start_flow_server)  # type: ignore[attr-defined]
+
+    def _run_ended(self, handle: RunHandle) -> None:
+        # Called by the coordinator before it delivers a result, so that a caller who gets the
+        # result can start the next run at once.
+        with self._lock:
+            if self._active is handle:
+                self._active = None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the server: no new runs, running attempts cancelled, the run recorded interrupted.
+
+        Waits up to ``stop_grace`` seconds (or half of ``timeout``) for running attempts to
+        return, records those that do not as abandoned, closes the store and returns within
+        ``timeout``. Idempotent; safe from a callback (it then does not wait).
+        """
+        with self._lock:
+            first = not self._stopped
+            self._stopped = True
+        coord = self._coord
+        if first:
+            grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
+            coord.post(("stop", grace))
+        if threading.current_thread() is not coord.thread:
+            coord.thread.join(timeout)
+            if not coord.thread.is_alive():
+                self._unregister()
+
+    @classmethod
+    def whereis(cls, name: Any) -> Flow | None:
+        """The running server registered under ``name`` in this process, or None."""
+        with _registry_lock:
+            return _registry.get(name)
+
+    @classmethod
+    def run(
+        cls,
+        store: str | os.PathLike[str] | None = None,
+        entrance: str | None = None,
+        return_to: Any = None,
+        executor: Any = None,
+        **extra_state: Any,
+    ) -> RunResult:
+        """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call."""
+        with cls.start_link(store, return_to, executor, **extra_state) as server:
+            return server.start_flow(entrance=entrance).result()
+
+    def __enter__(self) -> Flow:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def name(self) -> Any:
+        """The server name."""
+        return self._name
+
+    @property
+    def store(self) -> Any:
+        """The :class:`~threadflow.EventStore` of this server's store file."""
+        return self._coord.store
+
+    @property
+    def abandoned(self) -> int:
+        """Abandoned attempts (cancelled, not returned in time) whose thread is still alive."""
+        return self._coord.abandoned
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running"
+        return f"<{type(self).__name__} server {self._name!r} {state}>"
+
+    # -- callbacks: override any of these ---------------------------------------------------
+
+    def handle_start_flow(self, state: dict[str, Any]) -> None:
+        """A run started (before its first task starts)."""
+
+    def handle_all_over(self, state: dict[str, Any]) -> None:
+        """The run ended with every branch over."""
+
+    def handle_task_start(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """An attempt of ``task`` is about to start (every attempt)."""
+
+    def handle_task_over(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """An attempt of ``task`` returned normally."""
+
+    def handle_task_all_over(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """The parent task ``task`` and all its children are done."""
+
+    def handle_task_failed(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """``task`` used up its attempts (fatal, or tolerated with ``exit_on_failed=False``)."""
+
+    def handle_task_timeout(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """An attempt of ``task`` passed its ``task_timeout``."""
+
+    def handle_task_exit(self, task: tuple[Any, ...], state: dict[str, Any]) -> None:
+        """An attempt of ``task`` raised (or its process died)."""

@@ -1,0 +1,117 @@
+"""Where attempts run: the server's worker threads, and the code that runs one attempt.
+
+Workers run user code and report an *outcome value* to the coordinator's inbox; they never
+raise into the engine and never touch run state (one owner: the coordinator).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .cancel import _local
+from .store import decode_id
+
+
+def error_data(exc: BaseException) -> dict[str, Any]:
+    """An exception as stored data: type, message and traceback text (never pickled)."""
+    kind = type(exc)
+    return {
+        "type": f"{kind.__module__}.{kind.__qualname__}"
+        if kind.__module__ != "builtins"
+        else kind.__qualname__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def encode_result(value: Any) -> str | None:
+    """A task's return value as the ``data`` of its ``task_over`` event."""
+    if value is None:
+        return None
+    try:
+        return '{"result":' + json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "}"
+    except (TypeError, ValueError):
+        return json.dumps({"result": None, "result_repr": repr(value)[:1000]})
+
+
+def run_attempt(att: Any) -> None:
+    """Run one attempt in this thread and post its outcome: ``("done", uid, error, value, data)``.
+
+    The attempt is this thread's context while it runs, so that ``current_token()`` and
+    ``add_children_tasks()`` find it.
+    """
+    post = att.coord.post
+    _local.ctx = att
+    try:
+        spec = att.stage.spec
+        if att.child_json is None:
+            value = spec.task_func(att.run.view)
+        else:
+            child = (decode_id(att.child_json), json.loads(att.data)["payload"])
+            value = spec.child_task_func(child, att.run.view)
+        data = encode_result(value)
+    except BaseException as exc:  # the engine decides; a worker never raises
+        post(("done", att.uid, exc, None, json.dumps({"error": error_data(exc)})))
+    else:
+        post(("done", att.uid, None, value, data))
+    finally:
+        _local.ctx = None
+
+
+class ThreadPool:
+    """Daemon worker threads that grow on demand.
+
+    Invariant: every queued item is matched either by an idle worker (an ``_idle`` permit) or by
+    a newly started thread, so an item never waits behind a thread that was abandoned in user
+    code. The coordinator enforces ``max_concurrency``; the pool only supplies threads.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self._queue.put((fn, arg))
+        if not self._idle.acquire(blocking=False):
+            thread = threading.Thread(
+                target=self._work,
+                name=f"threadflow-worker-{self._name}-{len(self._threads)}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            item[0](item[1])
+            del item  # drop the attempt before idling: it may hold a large state
+            self._idle.release()
+
+    def shutdown(self) -> None:
+        """Ask every worker to exit once it is idle; does not wait (a worker may be stuck)."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class ExecutorPool:
+    """Runs attempts in a user's :class:`concurrent.futures.Executor`."""
+
+    def __init__(self, executor: Any) -> None:
+        self._executor = executor
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self._executor.submit(fn, arg)
+
+    def shutdown(self) -> None:
+        """The executor belongs to the user: leave it running."""
