@@ -66,6 +66,15 @@ def child_waits_for_cancel(child, state):
     return "not cancelled"
 
 
+def stuck_until_released(state):
+    """Ignore the token: wait for the test to open the gate, then say so."""
+    state["entered"].set()
+    try:
+        state["gate"].wait(HANG_GUARD)
+    finally:
+        state["left"].set()
+
+
 def fail_at_once(state):
     raise ValueError("broken on purpose")
 
@@ -110,6 +119,10 @@ class Interruptible(Flow, server_name="running-interruptible"):
         max_concurrency=2,
         next=ALL_OVER,
     )
+
+
+class Stuck(Flow, server_name="running-stuck"):
+    work = task(task_func=stuck_until_released, next=ALL_OVER)
 
 
 class Failing(Flow, server_name="running-failing"):
@@ -396,33 +409,60 @@ def test_stop_is_idempotent(store_path):
     assert Simple.whereis("running-simple") is None
 
 
-def test_stop_returns_within_its_timeout_when_a_task_ignores_its_token(store_path):
-    gate, entered = threading.Event(), threading.Event()
+def stop_in_a_thread(server, timeout):
+    """Call ``server.stop(timeout)`` in a test thread; True if it returned within a hang guard."""
     errors = []
-    server = Gate.start_link(store=store_path, gate=gate, entered=entered, starts=[])
 
     def stop_server():
         try:
-            server.stop(timeout=0.3)
+            server.stop(timeout=timeout)
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
+    stopper = threading.Thread(target=stop_server, name="test-stopper", daemon=True)
+    stopper.start()
+    stopper.join(10)
+    assert errors == []
+    return not stopper.is_alive()
+
+
+def test_stop_returns_within_its_timeout_when_a_task_ignores_its_token(store_path):
+    gate, entered, left = threading.Event(), threading.Event(), threading.Event()
+    server = Stuck.start_link(store=store_path, gate=gate, entered=entered, left=left)
     try:
         handle = server.start_flow()
         assert entered.wait(10)
-        stopper = threading.Thread(target=stop_server, name="test-stopper", daemon=True)
-        stopper.start()
-        stopper.join(10)
-        assert not stopper.is_alive(), "stop(timeout=0.3) waited for the stuck thread"
-        assert errors == []
+        assert stop_in_a_thread(server, 0.3), "stop(timeout=0.3) waited for the stuck thread"
         res = handle.result(timeout=10)
-        assert res.outcome == "interrupted"
-        assert not gate.is_set()
-        server.stop()
+        assert not left.is_set()
     finally:
         gate.set()
         server.stop()
-    assert wait_until(lambda: server.abandoned == 0)
+
+    assert res.outcome == "interrupted"
+    events = sorted_events(store_path, res.run_id)
+    assert [(e.task, e.child_id, e.attempt) for e in events if e.kind == "abandoned"] == [
+        ("work", None, 1)
+    ]
+    assert left.wait(10)
+
+
+def test_abandoned_count_drops_once_a_thread_left_by_stop_returns(store_path):
+    gate, entered, left = threading.Event(), threading.Event(), threading.Event()
+    server = Stuck.start_link(store=store_path, gate=gate, entered=entered, left=left)
+    try:
+        server.start_flow()
+        assert entered.wait(10)
+        assert stop_in_a_thread(server, 0.3)
+        assert server.abandoned == 1
+        gate.set()
+        assert left.wait(10)
+        assert wait_until(lambda: server.abandoned == 0), (
+            f"server.abandoned is still {server.abandoned} after the abandoned thread returned"
+        )
+    finally:
+        gate.set()
+        server.stop()
 
 
 # --- state and results ------------------------------------------------------------------------

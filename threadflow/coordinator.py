@@ -125,6 +125,7 @@ class _Attempt:
         "deadline",
         "held",
         "abandoned",
+        "returned",
     )
 
     def __init__(
@@ -149,6 +150,7 @@ class _Attempt:
         self.deadline: float | None = None  # set when submitted
         self.held: list[list[int]] = []  # seq ranges of children this attempt added
         self.abandoned = False
+        self.returned = False  # written once, by the worker, when user code has returned
 
     def task(self) -> tuple[Any, ...]:
         if self.child_json is None:
@@ -199,8 +201,9 @@ class Coordinator:
         )
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
-        #: Abandoned attempts still alive; written here only, read from any thread.
-        self.abandoned = 0
+        # Abandoned attempts, republished as a new tuple on change so that any thread can read
+        # it without a lock; an entry's thread is alive until the worker sets ``returned``.
+        self._abandoned: tuple[_Attempt, ...] = ()
         self._uids = itertools.count(1)
         self.attempts: dict[int, _Attempt] = {}  # current attempts: their outcome counts
         self.cancelled: dict[int, _Attempt] = {}  # cancelled, thread not returned yet
@@ -229,6 +232,18 @@ class Coordinator:
         if self._start_error is not None:
             self._disconnect_handlers()
             raise self._start_error
+
+    @property
+    def abandoned(self) -> int:
+        """Abandoned attempts whose thread is still running user code (any thread may ask)."""
+        return sum(1 for att in self._abandoned if not att.returned)
+
+    def _abandon(self, att: _Attempt) -> None:
+        att.abandoned = True
+        self._abandoned = (*self._abandoned, att)
+        self._event(
+            att.run.run_id, "abandoned", att.stage.name, att.child_json, att.number, att.ref
+        )
 
     def alive(self) -> bool:
         return self.thread.is_alive()
@@ -481,7 +496,7 @@ class Coordinator:
         if att is None:  # pragma: no cover - every submitted attempt is current or cancelled
             return
         if att.abandoned:
-            self.abandoned -= 1
+            self._abandoned = tuple(a for a in self._abandoned if a is not att)
         outcome = {"outcome": "over" if error is None else "exit"}
         if error is not None:
             outcome["error"] = _brief(error)  # type: ignore[assignment]
@@ -673,11 +688,7 @@ class Coordinator:
             for att in list(self.attempts.values()):
                 self._detach(att)
                 self.cancelled[att.uid] = att
-                att.abandoned = True
-                self.abandoned += 1
-                self._event(
-                    run.run_id, "abandoned", att.stage.name, att.child_json, att.number, att.ref
-                )
+                self._abandon(att)
             self._event(run.run_id, "interrupted", data=json.dumps({"reason": "stop"}))
             self.writer.run_ended(run.run_id, self._stamp(), "interrupted")
             result = RunResult("interrupted", run.run_id, run.state, None, None, list(run.failed))
@@ -709,16 +720,7 @@ class Coordinator:
             if kind == "grace":
                 att = self.cancelled.get(item)
                 if att is not None and not att.abandoned:
-                    att.abandoned = True
-                    self.abandoned += 1
-                    self._event(
-                        att.run.run_id,
-                        "abandoned",
-                        att.stage.name,
-                        att.child_json,
-                        att.number,
-                        att.ref,
-                    )
+                    self._abandon(att)
             else:  # a retry whose delay has passed
                 stage, (child, ref, data, number) = item
                 if stage.run is not self.run or stage.run.over or self._stop_at is not None:

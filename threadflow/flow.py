@@ -13,6 +13,7 @@ import functools
 import graphlib
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -170,6 +171,20 @@ def _takes(func: Any, n: int) -> bool:
     return True
 
 
+def _importable(func: Any) -> bool:
+    """Whether ``func`` can be found again by module and qualified name."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    qualname = getattr(func, "__qualname__", "")
+    if module is None or not qualname or "<" in qualname:
+        return False
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj is func
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -239,6 +254,15 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
             "use 'thread' or 'subprocess'"
         )
     if spec.isolation == "subprocess":
+        for label in ("task_func", "child_task_func"):
+            func = getattr(spec, label)
+            if func is not None and not _importable(func):
+                fname = getattr(func, "__qualname__", repr(func))
+                raise fail(
+                    f"has {label}={fname}, which a fresh interpreter cannot import by name "
+                    "(lambdas, nested functions and methods cannot be); isolation='subprocess' "
+                    "needs a function defined at the top level of a module, so move it there"
+                )
         raise NotImplementedError(
             f"flow {flow!r}: task {name!r}: isolation='subprocess' is not available in this "
             "version yet; use isolation='thread'"

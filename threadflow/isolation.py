@@ -61,6 +61,7 @@ def run_attempt(att: Any) -> None:
         post(("done", att.uid, None, value, data))
     finally:
         _local.ctx = None
+        att.returned = True
 
 
 class ThreadPool:
