@@ -19,6 +19,7 @@ EXPECTED_ALL = sorted(
         "FlowRunning",
         "RunHandle",
         "RunResult",
+        "StoreError",
         "TaskTimeout",
         "ThreadflowError",
         "add_child_task",

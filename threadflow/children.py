@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -117,8 +118,6 @@ class Reply:
     __slots__ = ("error", "event")
 
     def __init__(self) -> None:
-        import threading
-
         self.event = threading.Event()
         self.error: BaseException | None = None
 

@@ -792,8 +792,12 @@ class Coordinator:
             subs, self._submit = self._submit, []
             start = monotonic()
             for att in subs:
-                if att.uid not in self.attempts:
-                    continue  # cancelled before it was handed out
+                if att.token.cancelled:
+                    # Cancelled in this very turn (run over, stop): it never runs, but it still
+                    # ends through the inbox like any attempt, so nothing waits for it.
+                    error = CancelledError(att.token.reason or "cancelled")
+                    self.post(("done", att.uid, error, None, None))
+                    continue
                 timeout = att.stage.spec.task_timeout
                 if timeout:
                     att.deadline = start + timeout

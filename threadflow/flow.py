@@ -250,8 +250,8 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
         )
     if spec.isolation not in _ISOLATIONS:
         raise fail(
-            f"has isolation={spec.isolation!r}{_suggest(spec.isolation, _ISOLATIONS)}; "
-            "use 'thread' or 'subprocess'"
+            f"has isolation={spec.isolation!r}, which is unknown; use 'thread' or "
+            f"'subprocess'{_suggest(spec.isolation, _ISOLATIONS)}"
         )
     if spec.isolation == "subprocess":
         for label in ("task_func", "child_task_func"):
