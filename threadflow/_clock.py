@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+from collections.abc import Callable
 
 # Deadlines must measure real time even under freezegun, which replaces
 # ``time.monotonic`` in every module attribute that refers to it. A reference
 # kept inside a tuple is out of its reach; if freezegun is already active when
 # we are imported, take its saved original.
 _api = sys.modules.get("freezegun.api")
-_REAL: tuple = (getattr(_api, "real_monotonic", None) or time.monotonic,)
+_REAL: tuple[Callable[[], float]] = (getattr(_api, "real_monotonic", None) or time.monotonic,)
 
 
 def monotonic() -> float:
     """Real seconds from an arbitrary origin, never frozen."""
-    return _REAL[0]()  # type: ignore[no-any-return]
+    return _REAL[0]()
 
 
 def utcnow() -> datetime.datetime:

@@ -101,7 +101,7 @@ class _Stage:
         self.parent_done = False
         self.ranges: deque[list[int]] = deque()
         self.buffer: deque[tuple[int, str, str]] = deque()
-        self.retry_ready: deque[tuple[str, int, str, int]] = deque()
+        self.retry_ready: deque[tuple[str | None, int | None, str | None, int]] = deque()
         self.running: OrderedDict[int, _Attempt] = OrderedDict()
         self.delayed = 0  # retries waiting for their delay
         self.done = 0
@@ -514,7 +514,7 @@ class Coordinator:
     def _on_add(self, uid: int, ids: list[str], datas: list[str], reply: Any) -> None:
         att = self.attempts.get(uid)
         if att is None or self._stop_at is not None:
-            reply.set(CancelledError(att.token.reason if att else "cancelled"))
+            reply.set(CancelledError((att.token.reason if att else None) or "cancelled"))
             return
         run, stage = att.run, att.stage
         if self._rows:  # keep seq order: earlier events of this turn go first
@@ -552,14 +552,14 @@ class Coordinator:
         if att.number >= att.stage.spec.attempts:
             return False
         try:
-            return att.stage.spec.retries(error)
+            return bool(att.stage.spec.retries(error))
         except Exception:
             log.exception("threadflow: retry_on of task %r raised; not retrying", att.stage.name)
             return False
 
     def _delay(self, att: _Attempt) -> float:
         try:
-            return att.stage.spec.retry_delay(att.number)
+            return float(att.stage.spec.retry_delay(att.number))
         except Exception:
             log.exception(
                 "threadflow: task_retry_delay of %r raised; retrying at once", att.stage.name
@@ -723,7 +723,7 @@ class Coordinator:
                     self._abandon(att)
             else:  # a retry whose delay has passed
                 stage, (child, ref, data, number) = item
-                if stage.run is not self.run or stage.run.over or self._stop_at is not None:
+                if stage.run is not self.run or self._stop_at is not None:
                     continue
                 stage.delayed -= 1
                 if child is None:

@@ -18,10 +18,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import AlreadyStarted, FlowDefinitionError, FlowRunning, ThreadflowError
 from .result import RunHandle, RunResult
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
 
 #: ``next=ALL_OVER`` ends a branch; the run is over when every branch has reached it.
 ALL_OVER = "all_over"
@@ -388,6 +391,12 @@ class Flow:
     stop_grace: ClassVar[float] = 5.0
     fsync: ClassVar[bool] = False
     _server_name: ClassVar[Any] = None
+    # Set on each server by start_link().
+    _name: Any
+    _lock: threading.Lock
+    _active: RunHandle | None
+    _stopped: bool
+    _coord: Coordinator
 
     def __init_subclass__(cls, server_name: Any = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -463,7 +472,7 @@ class Flow:
         self = object.__new__(cls)
         self._name = name
         self._lock = threading.Lock()  # guards _active and _stopped, never held across user code
-        self._active: RunHandle | None = None
+        self._active = None
         self._stopped = False
         path = os.fspath(store) if store is not None else default_path()
         with _registry_lock:
@@ -566,7 +575,8 @@ class Flow:
     ) -> RunResult:
         """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call."""
         with cls.start_link(store, return_to, executor, **extra_state) as server:
-            return server.start_flow(entrance=entrance).result()
+            result: RunResult = server.start_flow(entrance=entrance).result()
+        return result
 
     def __enter__(self) -> Flow:
         return self

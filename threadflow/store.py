@@ -117,7 +117,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
     db = sqlite_utils.Database(conn)
-    db["events"].create(
+    db.table("events").create(
         {
             "seq": int,
             "run_id": str,
@@ -135,10 +135,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         strict=True,
     )
     # Serves results() (task_over of a task, in child order) and per-run scans.
-    db["events"].create_index(
+    db.table("events").create_index(
         ["run_id", "kind", "task", "ref"], index_name="events_by_run", if_not_exists=True
     )
-    db["runs"].create(
+    db.table("runs").create(
         {
             "run_id": str,
             "flow": str,
@@ -155,14 +155,14 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if_not_exists=True,
         strict=True,
     )
-    db["children"].create(
+    db.table("children").create(
         {"seq": int, "run_id": str, "task": str, "child_id": str},
         pk="seq",
         not_null=["run_id", "task", "child_id"],
         if_not_exists=True,
         strict=True,
     )
-    db["children"].create_index(
+    db.table("children").create_index(
         ["run_id", "task", "child_id"], index_name="children_key", unique=True, if_not_exists=True
     )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
