@@ -1,12 +1,17 @@
 """No-op children per second: threadflow against raw ThreadPoolExecutor.map, same run.
 
     python tools/bench_children.py [--children 100000] [--concurrency 10] [--rounds 2]
+    python tools/bench_children.py --memory 200000
+
 
 Each round runs raw ``ThreadPoolExecutor(max_workers=C).map`` over the same number of no-op
 items, then a threadflow flow whose parent adds that many no-op children (every child's
 ``child_added``, ``task_started`` and ``task_over`` events committed to a fresh store in a
 temporary directory). Rounds interleave the two so that a noisy machine hurts both alike. The
 ratio is threadflow's throughput over raw threads'.
+
+``--memory N`` runs only threadflow with N children in a fresh process and prints its peak RSS
+(raw ``ThreadPoolExecutor.map`` makes every Future up front, so its peak would hide ours).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,8 +68,22 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--memory", type=int, metavar="N", help="peak RSS with N children")
+    parser.add_argument("--flow-only", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n, c = args.children, args.concurrency
+    if args.flow_only:
+        with tempfile.TemporaryDirectory() as directory:
+            elapsed = flow(make_flow(c), args.flow_only, directory, 0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{args.flow_only} no-op children, max_concurrency={c}, threadflow alone")
+        print(f"  throughput: {args.flow_only / elapsed:,.0f} /s  ({elapsed:.2f} s)")
+        print(f"  peak RSS:   {peak:.0f} MB")
+        return
+    if args.memory:
+        cmd = [sys.executable, __file__, "--flow-only", str(args.memory), "--concurrency", str(c)]
+        subprocess.run(cmd, check=True)
+        return
     bench = make_flow(c)
     raw_times, flow_times = [], []
     with tempfile.TemporaryDirectory() as directory:
