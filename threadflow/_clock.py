@@ -12,12 +12,20 @@ from collections.abc import Callable
 # kept inside a tuple is out of its reach; if freezegun is already active when
 # we are imported, take its saved original.
 _api = sys.modules.get("freezegun.api")
-_REAL: tuple[Callable[[], float]] = (getattr(_api, "real_monotonic", None) or time.monotonic,)
+_REAL: tuple[Callable[[], float], Callable[[], float]] = (
+    getattr(_api, "real_monotonic", None) or time.monotonic,
+    getattr(_api, "real_time", None) or time.time,
+)
 
 
 def monotonic() -> float:
     """Real seconds from an arbitrary origin, never frozen."""
     return _REAL[0]()
+
+
+def wall() -> float:
+    """Real seconds since the epoch, never frozen: for leases and heartbeats between processes."""
+    return _REAL[1]()
 
 
 def utcnow() -> datetime.datetime:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
+from ._clock import wall
 from .errors import DuplicateChildError, StoreError
 
 SCHEMA_VERSION = 1
@@ -64,9 +66,36 @@ class Event:
     data: dict[str, Any] | None
 
 
+#: Seconds between an owner's heartbeats, and after which a silent owner is taken for dead.
+HEARTBEAT = 5.0
+LEASE = 60.0
+
+
+def owner_alive(pid: int | None, host: str | None, heartbeat: float | None) -> bool:
+    """Whether the process that wrote this heartbeat still owns what it claimed.
+
+    Its heartbeat must be recent; on this host its pid must also exist (a crash is seen at once).
+    """
+    if heartbeat is None or pid is None or wall() - heartbeat > LEASE:
+        return False
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process: it exists
+            return True
+    return True
+
+
 @dataclass(frozen=True)
 class RunInfo:
-    """One run as listed by :meth:`EventStore.runs`; ``outcome`` is None while unfinished."""
+    """One run as listed by :meth:`EventStore.runs`.
+
+    ``outcome`` is the last segment's end (``all_over``, ``failed_over``, ``interrupted``), or
+    None while unfinished; :attr:`status` tells an unfinished run whose owner died
+    (``"interrupted"``) from one still running (``"running"``).
+    """
 
     run_id: str
     flow: str
@@ -77,6 +106,15 @@ class RunInfo:
     outcome: str | None
     pid: int
     host: str
+    heartbeat: float | None = None
+    children_done: int = 0
+    children_failed: int = 0
+
+    @property
+    def status(self) -> str:
+        if self.outcome is not None:
+            return self.outcome
+        return "running" if owner_alive(self.pid, self.host, self.heartbeat) else "interrupted"
 
 
 def connect(path: str, *, fsync: bool = False) -> sqlite3.Connection:
@@ -149,6 +187,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             "outcome": str,
             "pid": int,
             "host": str,
+            "heartbeat": float,
         },
         pk="run_id",
         not_null=["flow", "server", "started"],
@@ -164,6 +203,30 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     )
     db.table("children").create_index(
         ["run_id", "task", "child_id"], index_name="children_key", unique=True, if_not_exists=True
+    )
+    # Global server names: one live owner per name and store file (a lease kept by heartbeats).
+    db.table("servers").create(
+        {"name": str, "flow": str, "pid": int, "host": str, "started": str, "heartbeat": float},
+        pk="name",
+        not_null=["flow", "pid", "host", "started", "heartbeat"],
+        if_not_exists=True,
+        strict=True,
+    )
+    # Runs asked of a global server by other processes; its owner answers them.
+    db.table("requests").create(
+        {
+            "id": int,
+            "server": str,
+            "entrance": str,
+            "run_id": str,
+            "status": str,
+            "message": str,
+            "created": float,
+        },
+        pk="id",
+        not_null=["server", "run_id", "status", "created"],
+        if_not_exists=True,
+        strict=True,
     )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -303,30 +366,57 @@ class EventStore:
         return conn
 
     def runs(self) -> list[RunInfo]:
-        """Every run in the store, oldest first."""
+        """Every run in the store, oldest first, with its children done and failed."""
         conn = self._connect()
         try:
             rows = conn.execute(
-                "SELECT run_id, flow, server, entrance, started, ended, outcome, pid, host "
-                "FROM runs ORDER BY started, rowid"
+                "SELECT run_id, flow, server, entrance, started, ended, outcome, pid, host, "
+                "heartbeat, (SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
+                "AND e.kind = 'task_over' AND e.ref IS NOT NULL), "
+                "(SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
+                "AND e.kind = 'task_failed' AND e.ref IS NOT NULL) "
+                "FROM runs r ORDER BY started, rowid"
             ).fetchall()
         finally:
             conn.close()
         return [RunInfo(*row) for row in rows]
 
-    def events(self, run_id: str, kind: str | None = None) -> list[Event]:
-        """The events of ``run_id`` in order (only those of ``kind`` if given)."""
+    def run(self, run_id: str) -> RunInfo:
+        """The run whose id is ``run_id`` or starts with it.
+
+        :raises KeyError: if no run, or several runs, match.
+        """
+        matches = [r for r in self.runs() if r.run_id.startswith(run_id)]
+        exact = [r for r in matches if r.run_id == run_id]
+        if exact:
+            return exact[0]
+        if len(matches) != 1:
+            what = "no run" if not matches else f"{len(matches)} runs"
+            raise KeyError(f"{what} in {self.path!r} match {run_id!r}")
+        return matches[0]
+
+    def iter_events(self, run_id: str, kind: str | None = None) -> Iterator[Event]:
+        """The events of ``run_id`` in order, streamed (only those of ``kind`` if given)."""
         sql = "SELECT seq, run_id, ts, kind, task, child_id, attempt, ref, data FROM events "
         sql += "WHERE run_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY seq"
         conn = self._connect()
         try:
-            rows = conn.execute(sql, (run_id, kind) if kind else (run_id,)).fetchall()
+            cur = conn.execute(sql, (run_id, kind) if kind else (run_id,))
+            while rows := cur.fetchmany(1000):
+                for s, r, ts, k, t, c, a, ref, d in rows:
+                    yield Event(s, r, ts, k, t, decode_id(c), a, ref, json.loads(d) if d else None)
         finally:
             conn.close()
-        return [
-            Event(s, r, ts, k, t, decode_id(c), a, ref, json.loads(d) if d else None)
-            for s, r, ts, k, t, c, a, ref, d in rows
-        ]
+
+    def events(self, run_id: str, kind: str | None = None) -> list[Event]:
+        """The events of ``run_id`` in order (only those of ``kind`` if given)."""
+        return list(self.iter_events(run_id, kind))
+
+    def history(self, run_id: str) -> Any:
+        """The run folded from its events: a :class:`threadflow.history.RunHistory`."""
+        from .history import fold
+
+        return fold(self.iter_events(run_id), run_id)
 
     def results(self, run_id: str, task: str) -> Iterator[tuple[Any, Any]]:
         """``(child_id, result)`` of the finished children of ``task``, in the order added.
