@@ -17,6 +17,7 @@ EXPECTED_ALL = sorted(
         "Flow",
         "FlowDefinitionError",
         "FlowRunning",
+        "ReplayError",
         "RunHandle",
         "RunResult",
         "StoreError",

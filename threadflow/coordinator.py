@@ -24,12 +24,12 @@ from types import MappingProxyType
 from typing import Any
 
 from . import signals
-from ._clock import monotonic, utcnow
+from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
 from .isolation import ExecutorPool, ThreadPool, error_data, run_attempt
 from .result import RunHandle, RunResult
-from .store import EventStore, Writer, decode_id
+from .store import HEARTBEAT, EventStore, Writer, decode_id
 
 log = logging.getLogger("threadflow")
 
@@ -37,6 +37,8 @@ log = logging.getLogger("threadflow")
 BATCH = 10_000
 #: Waiting children read from the store per refill of a stage's window.
 WINDOW = 512
+#: Seconds between looks for runs that other processes asked of a global server.
+POLL = 0.2
 
 
 def _brief(exc: BaseException) -> dict[str, str]:
@@ -47,6 +49,17 @@ def _brief(exc: BaseException) -> dict[str, str]:
         else f"{kind.__module__}.{kind.__qualname__}"
     )
     return {"type": name, "message": str(exc)}
+
+
+def _with_released(data: str | None, held: list[list[int]]) -> str:
+    """Add to a ``task_over``'s data the seq ranges of the children its attempt added.
+
+    This is what makes those children live for a replay (see ``history``).
+    """
+    released = json.dumps(held, separators=(",", ":"))
+    if data is None:
+        return '{"released":' + released + "}"
+    return data[:-1] + ',"released":' + released + "}"  # data is always a JSON object
 
 
 class _Run:
@@ -90,6 +103,7 @@ class _Stage:
         "done",
         "failed",
         "over",
+        "replayed",
     )
 
     def __init__(self, name: str, spec: Any, run: _Run) -> None:
@@ -107,6 +121,7 @@ class _Stage:
         self.done = 0
         self.failed = 0
         self.over = False
+        self.replayed = False  # its children window skips children that already finished
 
 
 class _Attempt:
@@ -222,6 +237,11 @@ class Coordinator:
         self._after: list[Callable[[], None]] = []
         self._handlers: list[tuple[Any, Callable[..., None]]] = []
         self._host = socket.gethostname()
+        name_ = server.name
+        #: The global name this server owns in its store, or None for a local name.
+        self._global: str | None = name_[1] if isinstance(name_, tuple) else None
+        self._next_beat = 0.0  # when to renew the run's (and global name's) lease
+        self._next_poll = 0.0  # when to look for runs other processes asked of a global name
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -276,6 +296,21 @@ class Coordinator:
             self._start_error = exc
             self._ready.set()
             return
+        if self._global is not None:
+            try:
+                self.writer.acquire_server(
+                    self._global,
+                    self.definition.name,
+                    os.getpid(),
+                    self._host,
+                    utcnow().isoformat(),
+                )
+            except BaseException as exc:
+                self.writer.close()
+                self._start_error = exc
+                self._ready.set()
+                return
+        self._next_beat = monotonic() + HEARTBEAT
         self._ready.set()
         try:
             self._loop()
@@ -285,6 +320,9 @@ class Coordinator:
         finally:
             self.pool.shutdown()
             try:
+                if self._global is not None:
+                    self.writer.release_server(self._global, os.getpid())
+                    self.writer.commit()
                 self.writer.close()
             except Exception:  # pragma: no cover - closing a broken connection
                 log.exception("threadflow: closing the store failed")
@@ -316,6 +354,7 @@ class Coordinator:
                     msg = None
             self._fire_due()
             self._dispatch()
+            self._tick()
             self._flush()
             if self._stop_at is not None:
                 self._maybe_finish_stop()
@@ -330,7 +369,48 @@ class Coordinator:
                         when = att.deadline if when is None else min(when, att.deadline)
         if self._stop_at is not None:
             when = self._stop_at if when is None else min(when, self._stop_at)
+        if run is not None or self._global is not None:
+            when = self._next_beat if when is None else min(when, self._next_beat)
+        if self._global is not None:
+            when = min(when, self._next_poll)  # type: ignore[type-var]
         return None if when is None else max(0.0, when - monotonic())
+
+    def _tick(self) -> None:
+        """Renew leases; answer runs that other processes asked of a global server."""
+        now = self.now
+        if now >= self._next_beat and (self.run is not None or self._global is not None):
+            run_id = self.run.run_id if self.run is not None else None
+            self.writer.heartbeat(run_id, self._global, os.getpid())
+            self._next_beat = now + HEARTBEAT
+        if self._global is not None and now >= self._next_poll and self._stop_at is None:
+            self._next_poll = now + POLL
+            for request_id, entrance, run_id in self.writer.pending_requests(self._global):
+                self._on_request(request_id, entrance, run_id)
+
+    def _on_request(self, request_id: int, entrance: str | None, run_id: str) -> None:
+        d = self.definition
+        entrance = entrance or d.default_entrance
+        if entrance not in d.tasks:
+            self.writer.answer_request(
+                request_id, "refused", f"flow {d.name!r} has no task {entrance!r}"
+            )
+            return
+        server = self.server
+        with server._lock:
+            active = server._active
+            if active is None and not server._stopped:
+                handle = RunHandle(run_id, utcnow())
+                server._active = handle
+        if active is not None or server._stopped:
+            message = (
+                json.dumps({"run_id": active.run_id, "start_time": active.start_time.isoformat()})
+                if active is not None
+                else None
+            )
+            self.writer.answer_request(request_id, "refused", message)
+            return
+        self.writer.answer_request(request_id, "started", None)
+        self._on_start(handle, entrance)
 
     def _crash(self, exc: BaseException) -> None:
         error = ThreadflowError(
@@ -344,7 +424,7 @@ class Coordinator:
         run = self.run
         if run is not None:
             self.run = None
-            self._deliver(run, RunResult("interrupted", run.run_id, run.state, error=error))
+            self._deliver(run.handle, RunResult("interrupted", run.run_id, run.state, error=error))
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -356,6 +436,8 @@ class Coordinator:
             self._on_add(*msg[1:])
         elif tag == "start":
             self._on_start(*msg[1:])
+        elif tag == "replay":
+            self._on_replay(*msg[1:])
         elif tag == "stop":
             self._on_stop(*msg[1:])
         else:  # pragma: no cover
@@ -396,16 +478,29 @@ class Coordinator:
                 )
             )
 
-    def _on_start(self, handle: RunHandle, entrance: str) -> None:
-        d = self.definition
+    def _new_state(self, handle: RunHandle, replayed: int) -> dict[str, Any]:
         state = dict(self.extra)
         state.update(
-            start_time=handle.start_time, run_id=handle.run_id, store=self.store, task_flow=d
+            start_time=handle.start_time,
+            run_id=handle.run_id,
+            store=self.store,
+            task_flow=self.definition,
+            replayed=replayed,
         )
-        if self._stop_at is not None:  # stop() came right behind this start
-            self._after.append(
-                lambda: self._deliver_to(handle, RunResult("interrupted", handle.run_id, state))
-            )
+        return state
+
+    def _refuse_if_stopping(self, handle: RunHandle, state: dict[str, Any]) -> bool:
+        if self._stop_at is None:
+            return False
+        # stop() came right behind this start: nothing ran, nothing is recorded.
+        result = RunResult("interrupted", handle.run_id, state)
+        self._after.append(lambda: self._deliver(handle, result))
+        return True
+
+    def _on_start(self, handle: RunHandle, entrance: str) -> None:
+        d = self.definition
+        state = self._new_state(handle, 0)
+        if self._refuse_if_stopping(handle, state):
             return
         reachable = d.reachable(entrance)
         waiting = {n: set(d.predecessors[n] & reachable) for n in reachable}
@@ -421,8 +516,10 @@ class Coordinator:
                 "started": ts,
                 "pid": os.getpid(),
                 "host": self._host,
+                "heartbeat": wall(),
             }
         )
+        definition = {name: list(spec.successors) for name, spec in d.tasks.items()}
         self._event(
             run.run_id,
             "flow_started",
@@ -433,11 +530,70 @@ class Coordinator:
                     "entrance": entrance,
                     "pid": os.getpid(),
                     "host": self._host,
+                    "definition": definition,
                 }
             ),
         )
         self._signal(signals.start_flow, run, None, None)
         self._start_stage(run, entrance)
+
+    def _on_replay(self, handle: RunHandle, history: Any, reply: Any) -> None:
+        """Continue a run from its log: finished work stays finished, the rest runs again.
+
+        ``history`` was folded by the caller (off this thread); the claim on the run is taken
+        here, in this turn's transaction, so that two replays of one run cannot both win.
+        """
+        d = self.definition
+        state = self._new_state(handle, history.segments)
+        if self._refuse_if_stopping(handle, state):
+            reply.set()
+            return
+        try:
+            self.writer.claim_run(handle.run_id, os.getpid(), self._host, False)
+        except (ValueError, ThreadflowError) as exc:
+            self.server._run_ended(handle)
+            reply.set(exc)
+            return
+        reply.set()
+        entrance = history.entrance
+        reachable = d.reachable(entrance)
+        tasks = history.tasks
+        finished = {n for n in reachable if n in tasks and tasks[n].all_over}
+        waiting = {n: set(d.predecessors[n] & reachable) - finished for n in reachable}
+        run = _Run(handle, state, waiting)
+        run.failed = list(history.failed)
+        self.run = run
+        released = [r for t in tasks.values() for r in t.released]
+        self.writer.drop_unreleased_children(run.run_id, released)
+        self._event(
+            run.run_id,
+            "replayed",
+            data=json.dumps(
+                {
+                    "segment": history.segments + 1,
+                    "previous_outcome": history.outcome,
+                    "server": str(self.server.name),
+                    "pid": os.getpid(),
+                    "host": self._host,
+                }
+            ),
+        )
+        self._signal(signals.start_flow, run, None, None)
+        for name in reachable - finished:
+            past = tasks.get(name)
+            if past is not None and past.parent_over:
+                # Its parent succeeded: run the children that have not finished.
+                stage = _Stage(name, d.tasks[name], run)
+                stage.parent_done = True
+                stage.replayed = True
+                stage.ranges.extend([lo, hi] for lo, hi in past.released)
+                stage.done, stage.failed = past.children_done, past.children_failed
+                run.stages[name] = stage
+                run.open += 1
+            elif (past is not None and past.started) or not waiting[name]:
+                self._start_stage(run, name)
+        if run.open == 0:  # every stage had finished: only the final event was missing
+            self._end_run(run, "all_over", None, None)
 
     def _start_stage(self, run: _Run, name: str) -> None:
         stage = _Stage(name, self.definition.tasks[name], run)
@@ -473,6 +629,8 @@ class Coordinator:
             return
         self._detach(att)
         stage, run = att.stage, att.run
+        if error is None and att.held:
+            data = _with_released(data, att.held)
         if self._stop_at is not None:
             # Stopping: record what really happened, decide nothing more.
             kind = "task_over" if error is None else "exit"
@@ -663,7 +821,7 @@ class Coordinator:
         else:
             self._signal(signals.failed_over, run, task, None, error=error)
         result = RunResult(outcome, run.run_id, run.state, task, error, list(run.failed))
-        self._after.append(lambda: self._deliver(run, result))
+        self._after.append(lambda: self._deliver(run.handle, result))
         self.run = None
 
     def _cancel(self, att: _Attempt, reason: str) -> None:
@@ -692,7 +850,7 @@ class Coordinator:
             self._event(run.run_id, "interrupted", data=json.dumps({"reason": "stop"}))
             self.writer.run_ended(run.run_id, self._stamp(), "interrupted")
             result = RunResult("interrupted", run.run_id, run.state, None, None, list(run.failed))
-            self._after.append(lambda: self._deliver(run, result))
+            self._after.append(lambda: self._deliver(run.handle, result))
             self.run = None
             self._flush()
         self._exit = True
@@ -757,14 +915,23 @@ class Coordinator:
                     seq, child, data = stage.buffer.popleft()
                     self._start_attempt(stage, child, seq, data, 1)
                 else:
+                    # Nothing left to start: a replayed stage may turn out to be finished.
+                    self._maybe_stage_over(stage)
                     break
                 free -= 1
+            if run.over:
+                break
 
     def _refill(self, stage: _Stage) -> bool:
         ranges = stage.ranges
         while ranges:
             span = ranges[0]
-            rows = self.writer.read_children(span[0], span[1], WINDOW)
+            if stage.replayed:
+                rows = self.writer.read_unfinished_children(
+                    stage.run.run_id, stage.name, span[0], span[1], WINDOW
+                )
+            else:
+                rows = self.writer.read_children(span[0], span[1], WINDOW)
             if rows:
                 last = rows[-1][0]
                 if last >= span[1] or len(rows) < WINDOW:
@@ -841,11 +1008,8 @@ class Coordinator:
                     ),
                 )
 
-    def _deliver(self, run: _Run, result: RunResult) -> None:
-        self.server._run_ended(run.handle)
-        self._deliver_to(run.handle, result)
-
-    def _deliver_to(self, handle: RunHandle, result: RunResult) -> None:
+    def _deliver(self, handle: RunHandle, result: RunResult) -> None:
+        self.server._run_ended(handle)
         handle._set(result)
         target = self.return_to
         if target is None:

@@ -18,17 +18,22 @@ class AlreadyStarted(ThreadflowError):
     """A server with this name is already running.
 
     :ivar name: the server name.
-    :ivar server: the running server.
+    :ivar server: the running server, when it runs in this process (else None).
+    :ivar owner: for a global name owned by another process, ``"process PID on HOST"``.
     """
 
-    def __init__(self, name: str, server: Any) -> None:
-        super().__init__(
-            f"a server named {name!r} is already running; stop it first "
-            f"(threadflow {type(server).__name__}.whereis({name!r}).stop()) or pick another "
-            "server_name"
-        )
+    def __init__(self, name: Any, server: Any, owner: str | None = None) -> None:
+        if owner is not None:
+            where = f"by {owner}; stop it there, or wait until its lease runs out if it died"
+        else:
+            where = (
+                f"in this process; stop it first ({type(server).__name__}.whereis({name!r})"
+                ".stop()) or pick another server_name"
+            )
+        super().__init__(f"a server named {name!r} is already running {where}")
         self.name = name
         self.server = server
+        self.owner = owner
 
 
 class FlowRunning(ThreadflowError):
@@ -71,6 +76,17 @@ class TaskTimeout(ThreadflowError, TimeoutError):
         self.task = task
         self.attempt = attempt
         self.timeout = timeout
+
+
+class ReplayError(ThreadflowError):
+    """A run cannot be replayed: unknown, still owned by a live server, or its flow changed.
+
+    :ivar run_id: the run.
+    """
+
+    def __init__(self, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class StoreError(ThreadflowError):

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import AlreadyStarted, FlowDefinitionError, FlowRunning, ThreadflowError
+from .errors import (
+    AlreadyStarted,
+    FlowDefinitionError,
+    FlowRunning,
+    ReplayError,
+    ThreadflowError,
+)
 from .result import RunHandle, RunResult
 
 if TYPE_CHECKING:
@@ -358,6 +364,35 @@ def _stop_all_at_exit() -> None:
         server.stop(timeout=2.0)
 
 
+def _is_global(name: Any) -> bool:
+    return isinstance(name, tuple) and len(name) == 2 and name[0] == "global"
+
+
+def _check_same_flow(definition: FlowDefinition, history: Any) -> None:
+    """:raises ReplayError: naming each difference between the flow and the one that wrote
+    the log (other task options may change between runs: that is what a fix looks like)."""
+    problems = []
+    if history.flow is not None and history.flow != definition.name:
+        problems.append(f"it was written by flow {history.flow!r}")
+    recorded = history.definition
+    if recorded is None:
+        recorded = {name: None for name in history.tasks}
+    for name, nexts in recorded.items():
+        spec = definition.tasks.get(name)
+        if spec is None:
+            problems.append(f"task {name!r} is no longer in the flow (renamed or removed?)")
+        elif nexts is not None and sorted(spec.successors) != sorted(nexts):
+            now = sorted(spec.successors) or ALL_OVER
+            problems.append(f"task {name!r} had next={sorted(nexts) or ALL_OVER!r}, now {now!r}")
+    if problems:
+        raise ReplayError(
+            history.run_id,
+            f"run {history.run_id} cannot be replayed with flow {definition.name!r}: "
+            + "; ".join(problems)
+            + "; replay it with the definition that wrote it",
+        )
+
+
 class _Hybrid:
     """``Example.start_flow(name_or_server)`` on the class, ``server.start_flow()`` on a server."""
 
@@ -453,12 +488,7 @@ class Flow:
                 f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
             )
         name = cls._server_name
-        if isinstance(name, tuple):
-            raise NotImplementedError(
-                f"flow {cls.__qualname__!r}: global server names ({name!r}) are not available in "
-                "this version yet; use a string server_name"
-            )
-        reserved = {"start_time", "run_id", "store", "task_flow"} & set(extra_state)
+        reserved = {"start_time", "run_id", "store", "task_flow", "replayed"} & set(extra_state)
         if reserved:
             raise TypeError(
                 f"start_link(): {sorted(reserved)} are set by threadflow in every run's state; "
@@ -519,11 +549,22 @@ class Flow:
         return handle
 
     @classmethod
-    def _start_flow_class(cls, name_or_server: Any, entrance: str | None = None) -> RunHandle:
+    def _start_flow_class(
+        cls,
+        name_or_server: Any,
+        entrance: str | None = None,
+        store: str | os.PathLike[str] | None = None,
+    ) -> RunHandle:
         server = name_or_server
         if not isinstance(server, Flow):
             server = cls.whereis(name_or_server)
             if server is None:
+                if _is_global(name_or_server):
+                    from .remote import request_start
+                    from .store import default_path
+
+                    path = os.fspath(store) if store is not None else default_path()
+                    return request_start(path, name_or_server[1], entrance)
                 raise ThreadflowError(
                     f"no server named {name_or_server!r} is running; start it with "
                     f"{cls.__name__}.start_link()"
@@ -531,6 +572,78 @@ class Flow:
         return server._start_flow_server(entrance)
 
     start_flow = _Hybrid(_start_flow_class.__func__, _start_flow_server)  # type: ignore[attr-defined]
+
+    def _replay_server(self, run_id: str) -> RunHandle:
+        """Continue run ``run_id`` of this server's store from its event log.
+
+        Finished stages, parents and children are not run again; the rest runs with fresh
+        attempts; the run keeps its id and a ``replayed`` event marks the new segment.
+
+        :raises ValueError: if the run ended ``all_over``.
+        :raises ReplayError: if the run is unknown, still owned by a live server, or was
+            written by a flow whose tasks or edges have changed since.
+        :raises FlowRunning: if this server is running a run.
+        """
+        import datetime
+
+        from .children import Reply
+
+        coord = self._coord
+        if threading.current_thread() is coord.thread:
+            raise RuntimeError("replay() cannot be called from a callback; call it elsewhere")
+        store = coord.store
+        try:
+            info = store.run(run_id)
+        except KeyError:
+            info = None
+        if info is None or info.run_id != run_id:
+            raise ReplayError(run_id, f"there is no run {run_id!r} in {store.path!r}")
+        if info.outcome == "all_over":
+            raise ValueError(f"run {run_id} ended all_over; there is nothing to replay")
+        for server in _registry_servers():
+            active = server._active
+            if active is not None and active.run_id == run_id:
+                raise ReplayError(
+                    run_id,
+                    f"run {run_id} is still running in server {server._name!r} of this "
+                    "process; wait for it to end or stop that server, then replay",
+                )
+        history = store.history(run_id)
+        _check_same_flow(coord.definition, history)
+        with self._lock:
+            if self._stopped:
+                raise ThreadflowError(
+                    f"server {self._name!r} is stopped; start a new one with start_link()"
+                )
+            if self._active is not None:
+                raise FlowRunning(self._name, self._active.run_id, self._active.start_time)
+            handle = RunHandle(run_id, datetime.datetime.fromisoformat(info.started))
+            self._active = handle
+        reply = Reply()
+        coord.post(("replay", handle, history, reply))
+        while not reply.event.wait(0.5):
+            if not coord.alive():
+                raise ThreadflowError(f"server {self._name!r} stopped before the replay began")
+        if reply.error is not None:
+            raise reply.error
+        return handle
+
+    @classmethod
+    def _replay_class(
+        cls,
+        run_id: str,
+        store: str | os.PathLike[str] | None = None,
+        return_to: Any = None,
+        executor: Any = None,
+        **extra_state: Any,
+    ) -> RunResult:
+        with cls.start_link(store, return_to, executor, **extra_state) as server:
+            result: RunResult = server.replay(run_id).result()
+        return result
+
+    #: ``Example.replay(run_id, store=...)`` starts a server, replays the run, waits for its
+    #: :class:`RunResult` and stops; ``server.replay(run_id)`` returns a :class:`RunHandle`.
+    replay = _Hybrid(_replay_class.__func__, _replay_server)  # type: ignore[attr-defined]
 
     def _run_ended(self, handle: RunHandle) -> None:
         # Called by the coordinator before it delivers a result, so that a caller who gets the

@@ -317,12 +317,125 @@ class Writer:
             (lo, hi, limit),
         ).fetchall()
 
+    def read_unfinished_children(
+        self, run_id: str, task: str, lo: int, hi: int, limit: int
+    ) -> list[tuple[int, str, str]]:
+        """As :meth:`read_children`, skipping children that already finished (for replay):
+        those with a ``task_over``, or a ``task_failed`` that was tolerated."""
+        return self.conn.execute(
+            "SELECT a.seq, a.child_id, a.data FROM events a WHERE a.seq BETWEEN ? AND ? "
+            "AND a.kind = 'child_added' AND NOT EXISTS (SELECT 1 FROM events o "
+            "WHERE o.run_id = ? AND o.kind = 'task_over' AND o.task = ? AND o.ref = a.seq) "
+            "AND NOT EXISTS (SELECT 1 FROM events f WHERE f.run_id = ? AND f.kind = 'task_failed' "
+            "AND f.task = ? AND f.ref = a.seq AND json_extract(f.data, '$.tolerated')) "
+            "ORDER BY a.seq LIMIT ?",
+            (lo, hi, run_id, task, run_id, task, limit),
+        ).fetchall()
+
+    def drop_unreleased_children(self, run_id: str, released: Sequence[tuple[int, int]]) -> None:
+        """Forget the keys of children whose adding attempt never succeeded (replay)."""
+        self.begin()
+        gaps, start = [], 0
+        for lo, hi in sorted(released):
+            if lo > start:
+                gaps.append((run_id, start, lo - 1))
+            start = max(start, hi + 1)
+        gaps.append((run_id, start, 2**62))
+        self.conn.executemany("DELETE FROM children WHERE run_id = ? AND seq BETWEEN ? AND ?", gaps)
+
     def run_started(self, row: dict[str, Any]) -> None:
         self.begin()
         self.conn.execute(
-            "INSERT INTO runs (run_id, flow, server, entrance, started, pid, host) "
-            "VALUES (:run_id, :flow, :server, :entrance, :started, :pid, :host)",
+            "INSERT INTO runs (run_id, flow, server, entrance, started, pid, host, heartbeat) "
+            "VALUES (:run_id, :flow, :server, :entrance, :started, :pid, :host, :heartbeat)",
             row,
+        )
+
+    def claim_run(self, run_id: str, pid: int, host: str, same_process_owner: bool) -> None:
+        """Take over an unfinished or failed run for a replay, in the current transaction.
+
+        :raises ValueError: if it ended ``all_over``.
+        :raises ReplayError: if it is unknown, or another live process still owns it.
+        """
+        from .errors import ReplayError
+
+        self.begin()
+        row = self.conn.execute(
+            "SELECT outcome, pid, host, heartbeat FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise ReplayError(run_id, f"there is no run {run_id} in {self.path!r}")
+        outcome, owner_pid, owner_host, heartbeat = row
+        if outcome == "all_over":
+            raise ValueError(f"run {run_id} ended all_over; there is nothing to replay")
+        if outcome is None:
+            mine = owner_pid == os.getpid() and owner_host == host
+            alive = same_process_owner if mine else owner_alive(owner_pid, owner_host, heartbeat)
+            if alive:
+                raise ReplayError(
+                    run_id,
+                    f"run {run_id} is still running in process {owner_pid} on {owner_host}; "
+                    "wait for it to end, or stop that server, then replay",
+                )
+        self.conn.execute(
+            "UPDATE runs SET outcome = NULL, ended = NULL, pid = ?, host = ?, heartbeat = ? "
+            "WHERE run_id = ?",
+            (pid, host, wall(), run_id),
+        )
+
+    def heartbeat(self, run_id: str | None, server: str | None, pid: int) -> None:
+        """Renew the leases of the running run and of a global server name."""
+        self.begin()
+        now = wall()
+        if run_id is not None:
+            self.conn.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", (now, run_id))
+        if server is not None:
+            self.conn.execute(
+                "UPDATE servers SET heartbeat = ? WHERE name = ? AND pid = ?", (now, server, pid)
+            )
+
+    def acquire_server(self, name: str, flow: str, pid: int, host: str, started: str) -> None:
+        """Own the global server ``name`` in this store, taking it over from a dead owner.
+
+        :raises AlreadyStarted: if a live process owns it.
+        """
+        from .errors import AlreadyStarted
+
+        self.begin()
+        try:
+            row = self.conn.execute(
+                "SELECT pid, host, heartbeat FROM servers WHERE name = ?", (name,)
+            ).fetchone()
+            if row is not None and owner_alive(*row):
+                raise AlreadyStarted(("global", name), None, owner=f"process {row[0]} on {row[1]}")
+            self.conn.execute(
+                "INSERT OR REPLACE INTO servers (name, flow, pid, host, started, heartbeat) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, flow, pid, host, started, wall()),
+            )
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._in_tx = False
+            raise
+        self.commit()
+
+    def release_server(self, name: str, pid: int) -> None:
+        self.begin()
+        self.conn.execute("DELETE FROM servers WHERE name = ? AND pid = ?", (name, pid))
+
+    def pending_requests(self, name: str) -> list[tuple[int, str | None, str]]:
+        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``."""
+        return self.conn.execute(
+            "SELECT id, entrance, run_id FROM requests WHERE server = ? AND status = 'pending' "
+            "ORDER BY id",
+            (name,),
+        ).fetchall()
+
+    def answer_request(self, request_id: int, status: str, message: str | None) -> None:
+        self.begin()
+        self.conn.execute(
+            "UPDATE requests SET status = ?, message = ? WHERE id = ?",
+            (status, message, request_id),
         )
 
     def run_ended(self, run_id: str, ended: str, outcome: str) -> None:

@@ -1,0 +1,882 @@
+"""The ``threadflow`` command: list runs, show a run's events, replay a run, draw a flow.
+
+Every command reads the store with :class:`~threadflow.EventStore` (``--db``, default
+``$THREADFLOW_DB`` or ``threadflow.db``) and never writes to it, except ``replay``, which runs
+the flow. Library errors become one line on stderr with a hint, and an exit code per kind of
+failure (see :data:`EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import heapq
+import importlib
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .errors import StoreError, ThreadflowError
+from .flow import ALL_OVER, Flow, FlowDefinition
+from .store import SCHEMA_VERSION, Event, EventStore, RunInfo, default_path
+
+#: Exit codes of every command.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+EXIT_INTERRUPTED = 4
+
+EXIT_CODES = (
+    (0, "success; for replay: the run ended all_over"),
+    (EXIT_FAILED, "replay: the run ended failed_over"),
+    (EXIT_USAGE, "usage error, or a module:Class that cannot be imported or is not a Flow"),
+    (EXIT_ERROR, "unknown or ambiguous run, unusable store, or replay refused"),
+    (EXIT_INTERRUPTED, "replay: the run was interrupted (replay it again to go on)"),
+)
+
+#: Event kinds the engine writes (``--kind`` accepts others, with a warning).
+EVENT_KINDS = (
+    "flow_started",
+    "task_started",
+    "child_added",
+    "task_over",
+    "timeout",
+    "exit",
+    "retry",
+    "task_failed",
+    "children_discarded",
+    "task_all_over",
+    "all_over",
+    "failed_over",
+    "interrupted",
+    "replayed",
+    "abandoned",
+    "stale",
+    "callback_error",
+)
+
+#: Characters of an event's data summary shown by ``show`` (``--json`` gives all of it).
+SUMMARY_WIDTH = 72
+
+
+class CLIError(click.ClickException):
+    """One line on stderr: what happened, then what to do.
+
+    :ivar hint: the suggestion printed after the message.
+    """
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def format_message(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+def _db_hint(path: str) -> str:
+    return f"pass --db with the path of a threadflow store or set $THREADFLOW_DB (now: {path!r})"
+
+
+# -- opening the store -------------------------------------------------------------------
+
+
+def _check_store(path: str) -> None:
+    """Refuse a file that is not a threadflow store without changing a byte of it.
+
+    The store's own readers open in WAL mode, which would rewrite the header of a foreign
+    SQLite file; a read-only probe first keeps other databases untouched.
+    """
+    if not os.path.exists(path):
+        raise CLIError(f"no store at {path!r}", _db_hint(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{path!r} is a directory, not a store file", _db_hint(path))
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CLIError(
+            f"{path!r} is not a readable SQLite database ({exc})", _db_hint(path)
+        ) from None
+    if version > SCHEMA_VERSION:
+        raise CLIError(
+            f"the store {path!r} has schema version {version}, written by a newer threadflow "
+            f"(this one reads up to {SCHEMA_VERSION})",
+            "upgrade threadflow",
+        )
+    if version == 0 or not {"events", "runs"} <= tables:
+        raise CLIError(f"{path!r} is not a threadflow store (no threadflow tables)", _db_hint(path))
+
+
+def _store_error(exc: StoreError, path: str) -> CLIError:
+    message = str(exc)
+    # The library's advice names the Python argument; the CLI's names the option.
+    for tail in ("; point store= at another file", "; upgrade threadflow"):
+        message = message.removesuffix(tail)
+    return CLIError(message, _db_hint(path))
+
+
+def _open(path: str) -> EventStore:
+    _check_store(path)
+    return EventStore(path)
+
+
+def _resolve(store: EventStore, prefix: str) -> RunInfo:
+    """The run named by ``prefix``; unknown and ambiguous prefixes become a :class:`CLIError`."""
+    try:
+        return store.run(prefix)
+    except KeyError:
+        pass
+    except StoreError as exc:
+        raise _store_error(exc, store.path) from None
+    matches = [r.run_id for r in store.runs() if r.run_id.startswith(prefix)]
+    if not matches:
+        raise CLIError(
+            f"no run in {store.path!r} matches {prefix!r}",
+            f"list the runs with: threadflow runs --db {_quote(store.path)}",
+        )
+    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise CLIError(
+        f"{len(matches)} runs in {store.path!r} match {prefix!r} ({shown})",
+        "give more characters of the run id",
+    )
+
+
+def _quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: str = "") -> list[str]:
+    """Plain aligned columns; columns whose index is in ``right`` are right-aligned."""
+    rows = list(rows)
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    return [_line(headers, widths, right)] + [_line(row, widths, right) for row in rows]
+
+
+def _line(cells: Sequence[str], widths: Sequence[int], right: str) -> str:
+    parts = [
+        cell.rjust(w) if str(i) in right else cell.ljust(w)
+        for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return "  ".join(parts).rstrip()
+
+
+def _parse_ts(ts: str | None) -> datetime.datetime | None:
+    if not ts:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+
+
+def _short_ts(ts: str | None, millis: bool = False) -> str:
+    """``2024-05-01 12:00:00`` (UTC as stored), or with milliseconds; ``-`` for none."""
+    parsed = _parse_ts(ts)
+    if parsed is None:
+        return ts or "-"
+    text = parsed.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{parsed.microsecond // 1000:03d}" if millis else text
+
+
+def _duration(started: str | None, ended: str | None) -> float | None:
+    start, end = _parse_ts(started), _parse_ts(ended)
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()
+
+
+def _human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _shorten(text: str, width: int = SUMMARY_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        kind, message = error.get("type"), error.get("message")
+        return f"{kind}: {message}" if kind else str(message)
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return "" if error is None else str(error)
+
+
+def _task_text(task: Any) -> str:
+    """``split`` or ``split[2]`` for a task tuple or list (from a result or the log)."""
+    if not task:
+        return "-"
+    name, *child = task
+    return f"{name}[{_compact(_plain(child[0]))}]" if child else str(name)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (child ids) as JSON lists."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _summarize(ev: Event) -> str:
+    """A one-line digest of an event's data: the error, the result, the counts."""
+    data = ev.data or {}
+    kind = ev.kind
+    if kind == "flow_started":
+        text = f"flow={data.get('flow')} entrance={data.get('entrance')}"
+    elif kind == "child_added":
+        text = f"payload={_compact(data.get('payload'))}"
+    elif kind == "task_over":
+        text = f"result={_compact(data['result'])}" if "result" in data else ""
+    elif kind in ("exit", "timeout", "task_failed"):
+        text = _error_text(data.get("error"))
+        if data.get("tolerated"):
+            text += " (tolerated)"
+    elif kind == "failed_over":
+        text = f"{_task_text(data.get('task'))}: {_error_text(data.get('error'))}"
+    elif kind == "all_over":
+        failed = data.get("failed") or []
+        text = f"tolerated failures: {len(failed)}" if failed else ""
+    elif kind == "retry":
+        text = f"next attempt {data.get('next_attempt')} in {data.get('delay', 0):g}s"
+    elif kind == "task_all_over":
+        text = f"done={data.get('done')} failed={data.get('failed')}"
+    elif kind == "callback_error":
+        text = f"{data.get('signal')} {data.get('receiver')}: {_error_text(data.get('error'))}"
+    elif data:
+        text = " ".join(f"{k}={_compact(v)}" for k, v in data.items())
+    else:
+        text = ""
+    return _shorten(text)
+
+
+def _event_json(ev: Event) -> dict[str, Any]:
+    record = asdict(ev)
+    record["child_id"] = _plain(ev.child_id)
+    return record
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=repr))
+
+
+def _echo_json_stream(items: Iterable[Any]) -> None:
+    """A JSON array written item by item, so a long log is never held whole."""
+    first = True
+    for item in items:
+        click.echo(("[\n  " if first else ",\n  ") + json.dumps(item, ensure_ascii=False), nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
+
+
+# -- the command group ---------------------------------------------------------------------
+
+
+def _exit_codes_epilog() -> str:
+    lines = ["\b", "Exit codes:"]
+    lines += [f"  {code}  {meaning}" for code, meaning in EXIT_CODES]
+    lines += [
+        "",
+        "\b",
+        "The store is --db PATH (on every command), else $THREADFLOW_DB, else threadflow.db "
+        "in the working directory.",
+    ]
+    return "\n".join(lines)
+
+
+db_option = click.option(
+    "--db",
+    "db",
+    metavar="PATH",
+    default=None,
+    help="The store file (default: $THREADFLOW_DB, else threadflow.db).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _db_path(db: str | None) -> str:
+    """The command's ``--db``, else the group's (``threadflow --db PATH CMD``), else the default."""
+    if db is not None:
+        return db
+    root = click.get_current_context().find_root()
+    group_db = (root.obj or {}).get("db")
+    return group_db if group_db is not None else default_path()
+
+
+@click.group(
+    epilog=_exit_codes_epilog(),
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(package_name="threadflow")
+@db_option
+@click.pass_context
+def cli(ctx: click.Context, db: str | None) -> None:
+    """Inspect and replay threadflow runs recorded in an SQLite store.
+
+    \b
+    Examples:
+      threadflow runs --db runs.db
+      threadflow show 3f2a --summary
+      threadflow replay 3f2a --flow myjobs:Nightly
+      threadflow graph myjobs:Nightly
+    """
+    ctx.obj = {"db": db}
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def _run_record(info: RunInfo) -> dict[str, Any]:
+    return {
+        "run_id": info.run_id,
+        "flow": info.flow,
+        "server": info.server,
+        "entrance": info.entrance,
+        "status": info.status,
+        "outcome": info.outcome,
+        "started": info.started,
+        "ended": info.ended,
+        "duration": _duration(info.started, info.ended),
+        "children_done": info.children_done,
+        "children_failed": info.children_failed,
+    }
+
+
+@cli.command()
+@click.option("--flow", "flow", metavar="NAME", help="Only runs of this flow (class name).")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the newest N runs.")
+@db_option
+@json_option
+def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> None:
+    """List the runs in the store, oldest first.
+
+    STATUS is the run's outcome (all_over, failed_over, interrupted), or running / interrupted
+    for a run that has not ended (interrupted: its process is gone).
+
+    \b
+    Example:
+      threadflow runs --db runs.db --flow Nightly --limit 5
+    """
+    path = _db_path(db)
+    store = _open(path)
+    try:
+        infos = store.runs()
+    except StoreError as exc:
+        raise _store_error(exc, path) from None
+    if flow is not None:
+        infos = [r for r in infos if r.flow == flow]
+    if limit is not None:
+        infos = infos[-limit:]
+    records = [_run_record(r) for r in infos]
+    if as_json:
+        _echo_json(records)
+        return
+    if not records:
+        what = f" of flow {flow!r}" if flow else ""
+        click.echo(f"no runs{what} in {path!r}", err=True)
+        return
+    rows = [
+        (
+            r["run_id"],
+            r["flow"],
+            r["status"],
+            _short_ts(r["started"]),
+            _human_duration(r["duration"]),
+            str(r["children_done"]),
+            str(r["children_failed"]),
+        )
+        for r in records
+    ]
+    headers = ("RUN", "FLOW", "STATUS", "STARTED", "DURATION", "DONE", "FAILED")
+    for line in _table(headers, rows, right="456"):
+        click.echo(line)
+
+
+# -- show ------------------------------------------------------------------------------------
+
+
+def _events(store: EventStore, run_id: str, kinds: Sequence[str]) -> Iterator[Event]:
+    """The run's events in seq order, of ``kinds`` only if given (one indexed query per kind)."""
+    if not kinds:
+        return store.iter_events(run_id)
+    streams = [store.iter_events(run_id, kind) for kind in dict.fromkeys(kinds)]
+    return heapq.merge(*streams, key=lambda ev: ev.seq)
+
+
+def _event_row(ev: Event) -> tuple[str, ...]:
+    return (
+        str(ev.seq),
+        _short_ts(ev.ts, millis=True),
+        ev.kind,
+        ev.task or "-",
+        "-" if ev.child_id is None else _compact(_plain(ev.child_id)),
+        "-" if ev.attempt is None else str(ev.attempt),
+        _summarize(ev),
+    )
+
+
+EVENT_HEADERS = ("SEQ", "TS", "KIND", "TASK", "CHILD", "ATTEMPT", "DATA")
+
+
+def _print_events(store: EventStore, run_id: str, kinds: Sequence[str]) -> int:
+    """Print the events as an aligned table in two streamed passes (constant memory).
+
+    The first pass measures the columns and notes the last seq, so that events a running run
+    appends meanwhile do not break the alignment of the second.
+    """
+    widths = [len(h) for h in EVENT_HEADERS]
+    last = 0
+    for ev in _events(store, run_id, kinds):
+        widths = [max(w, len(cell)) for w, cell in zip(widths, _event_row(ev), strict=True)]
+        last = ev.seq
+    if not last:
+        return 0
+    click.echo(_line(EVENT_HEADERS, widths, "05"))
+    count = 0
+    for ev in _events(store, run_id, kinds):
+        if ev.seq > last:
+            break
+        click.echo(_line(_event_row(ev), widths, "05"))
+        count += 1
+    return count
+
+
+def _summary_record(info: RunInfo, store: EventStore) -> dict[str, Any]:
+    history = store.history(info.run_id)
+    tasks = []
+    for t in history.tasks.values():
+        tasks.append(
+            {
+                "task": t.name,
+                "attempts": t.attempts,
+                "parent_over": t.parent_over,
+                "children_added": t.children_added,
+                "children_done": t.children_done,
+                "children_failed": t.children_failed,
+                "exits": t.exits,
+                "timeouts": t.timeouts,
+                "retries": t.retries,
+                "abandoned": t.abandoned,
+                "all_over": t.all_over,
+                "first_ts": t.first_ts,
+                "last_ts": t.last_ts,
+            }
+        )
+    error = history.error
+    return {
+        "run_id": info.run_id,
+        "flow": history.flow or info.flow,
+        "server": history.server or info.server,
+        "entrance": history.entrance or info.entrance,
+        "status": history.outcome or info.status,
+        "outcome": history.outcome,
+        "segments": history.segments,
+        "started": history.started or info.started,
+        "ended": history.ended,
+        "duration": _duration(history.started, history.ended),
+        "task": _plain(history.task),
+        "error": (
+            {"type": error.get("type"), "message": error.get("message")}
+            if isinstance(error, dict)
+            else error
+        ),
+        "failed": [_plain(f) for f in history.failed],
+        "callback_errors": history.callback_errors,
+        "events": history.events,
+        "tasks": tasks,
+    }
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    fields = [
+        ("run", record["run_id"]),
+        ("flow", record["flow"]),
+        ("status", record["status"]),
+        ("entrance", record["entrance"]),
+        ("segments", str(record["segments"])),
+        ("started", _short_ts(record["started"], millis=True)),
+        ("ended", _short_ts(record["ended"], millis=True)),
+        ("duration", _human_duration(record["duration"])),
+    ]
+    if record["task"]:
+        fields.append(("failed task", _task_text(record["task"])))
+        fields.append(("error", _error_text(record["error"])))
+    if record["failed"]:
+        tolerated = ", ".join(_task_text(f) for f in record["failed"][:5])
+        more = f" (+{len(record['failed']) - 5} more)" if len(record["failed"]) > 5 else ""
+        fields.append(("tolerated", f"{len(record['failed'])}: {tolerated}{more}"))
+    if record["callback_errors"]:
+        fields.append(("callback errors", str(record["callback_errors"])))
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        click.echo(f"{name + ':':<{width + 1}} {value}")
+    click.echo()
+    headers = (
+        "TASK",
+        "ATTEMPTS",
+        "ADDED",
+        "DONE",
+        "FAILED",
+        "EXITS",
+        "TIMEOUTS",
+        "RETRIES",
+        "ALL_OVER",
+    )
+    rows = [
+        (
+            t["task"],
+            str(t["attempts"]),
+            str(t["children_added"]),
+            str(t["children_done"]),
+            str(t["children_failed"]),
+            str(t["exits"]),
+            str(t["timeouts"]),
+            str(t["retries"]),
+            "yes" if t["all_over"] else "no",
+        )
+        for t in record["tasks"]
+    ]
+    for line in _table(headers, rows, right="1234567"):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    metavar="KIND",
+    help="Only events of this kind (repeat for several), e.g. --kind exit --kind timeout.",
+)
+@click.option("--summary", is_flag=True, help="Per-task counts and the run's outcome instead.")
+@db_option
+@json_option
+def show(run: str, kinds: tuple[str, ...], summary: bool, db: str | None, as_json: bool) -> None:
+    """Show the events of RUN (a run id, or a unique prefix of one).
+
+    DATA is a digest of each event's data (the error, the result, the counts); --json gives
+    every field in full.
+
+    \b
+    Examples:
+      threadflow show 3f2a --db runs.db
+      threadflow show 3f2a --kind exit --kind task_failed
+      threadflow show 3f2a --summary
+    """
+    path = _db_path(db)
+    store = _open(path)
+    info = _resolve(store, run)
+    unknown = [k for k in kinds if k not in EVENT_KINDS]
+    if unknown:
+        click.echo(
+            f"warning: {', '.join(map(repr, unknown))} is not an event kind threadflow writes; "
+            f"kinds are {', '.join(EVENT_KINDS)}",
+            err=True,
+        )
+    try:
+        if summary:
+            record = _summary_record(info, store)
+            if as_json:
+                _echo_json(record)
+            else:
+                _print_summary(record)
+        elif as_json:
+            _echo_json_stream(_event_json(ev) for ev in _events(store, info.run_id, kinds))
+        elif not _print_events(store, info.run_id, kinds):
+            what = f" of kind {', '.join(kinds)}" if kinds else ""
+            click.echo(f"run {info.run_id} has no events{what}", err=True)
+    except StoreError as exc:
+        raise _store_error(exc, path) from None
+
+
+# -- loading a flow class ----------------------------------------------------------------------
+
+
+def _flow_classes(module: Any) -> list[str]:
+    return sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, Flow) and value is not Flow
+    )
+
+
+class FlowClass(click.ParamType):
+    """``module:Class``: a :class:`~threadflow.Flow` subclass, importable from the working
+    directory too (as ``python -m`` would)."""
+
+    name = "module:Class"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, type):
+            return value
+        module_name, sep, qualname = str(value).partition(":")
+        if not sep or not module_name or not qualname:
+            self.fail(f"{value!r} is not module:Class, e.g. myjobs:Nightly", param, ctx)
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
+            hint = (
+                "run from the directory that holds it, or add that directory to PYTHONPATH"
+                if missing
+                else "fix the error in that module"
+            )
+            self.fail(
+                f"cannot import module {module_name!r} ({type(exc).__name__}: {exc}); {hint}",
+                param,
+                ctx,
+            )
+        obj: Any = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                classes = _flow_classes(module)
+                close = difflib.get_close_matches(qualname, classes, n=1)
+                suggestion = f"did you mean {close[0]!r}? " if close else ""
+                self.fail(
+                    f"module {module_name!r} has no {qualname!r}; {suggestion}"
+                    f"its flows are {classes or 'none'}",
+                    param,
+                    ctx,
+                )
+        if not (isinstance(obj, type) and issubclass(obj, Flow)):
+            self.fail(
+                f"{value!r} is {type(obj).__name__ if not isinstance(obj, type) else 'a class'} "
+                f"but not a threadflow Flow subclass; name a class that subclasses Flow",
+                param,
+                ctx,
+            )
+        if obj.definition is None:
+            self.fail(f"{value!r} has no tasks; name a flow that declares tasks", param, ctx)
+        return obj
+
+
+FLOW_CLASS = FlowClass()
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+def _result_record(result: Any) -> dict[str, Any]:
+    error = result.error
+    return {
+        "run_id": result.run_id,
+        "outcome": result.outcome,
+        "task": _plain(result.task),
+        "error": None if error is None else {"type": type(error).__name__, "message": str(error)},
+        "failed": [_plain(f) for f in result.failed],
+    }
+
+
+def _refused(message: str, hint: str) -> NoReturn:
+    raise CLIError(f"replay refused: {message}", hint)
+
+
+@cli.command()
+@click.argument("run")
+@click.option(
+    "--flow",
+    "flow_cls",
+    type=FLOW_CLASS,
+    required=True,
+    help="The flow that made the run, as module:Class (importable from here).",
+)
+@db_option
+@json_option
+def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> None:
+    """Continue RUN (an id or unique prefix) from its log, with the flow --flow names.
+
+    Finished stages, parents and children are not run again; the rest runs with fresh
+    attempts, under the same run id. The exit code tells the outcome: 0 all_over,
+    1 failed_over (the failing task and error are printed), 4 interrupted.
+
+    \b
+    Example:
+      threadflow replay 3f2a --db runs.db --flow myjobs:Nightly
+    """
+    path = _db_path(db)
+    store = _open(path)
+    info = _resolve(store, run)
+    definition: FlowDefinition | None = flow_cls.definition
+    if definition is not None and info.flow != definition.name:
+        _refused(
+            f"run {info.run_id} is a run of flow {info.flow!r}, not {definition.name!r}",
+            f"pass --flow with the module:Class of {info.flow!r}",
+        )
+    replay_run: Callable[..., Any] | None = getattr(flow_cls, "replay", None)
+    if replay_run is None:
+        raise CLIError("this threadflow cannot replay runs", "upgrade threadflow")
+    try:
+        result = replay_run(info.run_id, store=path)
+    except KeyError as exc:
+        raise CLIError(
+            str(exc.args[0]) if exc.args else f"unknown run {info.run_id}",
+            f"list the runs with: threadflow runs --db {_quote(path)}",
+        ) from None
+    except ValueError as exc:
+        _refused(str(exc), "a run that ended all_over has nothing left to do")
+    except StoreError as exc:
+        raise _store_error(exc, path) from None
+    except ThreadflowError as exc:
+        _refused(str(exc), "see the message above for what to change")
+    except KeyboardInterrupt:
+        click.echo(f"run {info.run_id}: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    record = _result_record(result)
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(f"run {result.run_id}: {result.outcome}")
+        if result.task is not None:
+            click.echo(f"failed task: {_task_text(record['task'])}")
+            click.echo(f"error: {_error_text(result.error)}")
+        if result.failed:
+            click.echo(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
+    again = f"threadflow replay {result.run_id} --db {_quote(path)} --flow {_flow_arg(flow_cls)}"
+    if result.outcome == "failed_over":
+        if not as_json:
+            click.echo(f"fix the cause, then replay again: {again}", err=True)
+        sys.exit(EXIT_FAILED)
+    if result.outcome == "interrupted":
+        if not as_json:
+            click.echo(f"replay again to go on: {again}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _flow_arg(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+# -- graph -------------------------------------------------------------------------------------
+
+#: Words Mermaid reads as syntax when used as a node id.
+_MERMAID_WORDS = frozenset(
+    "end graph flowchart subgraph direction class classdef click style linkstyle call "
+    "default".split()
+)
+
+
+def _node_ids(definition: FlowDefinition) -> tuple[dict[str, str], str, str]:
+    """Mermaid node ids of the tasks, the entrance marker and the end node, all distinct."""
+    taken: set[str] = set()
+
+    def unique(base: str) -> str:
+        candidate = base
+        while candidate in taken or candidate.lower() in _MERMAID_WORDS:
+            candidate += "_"
+        taken.add(candidate)
+        return candidate
+
+    ids = {name: unique(name) for name in definition.tasks}
+    return ids, unique("entrance"), unique(ALL_OVER)
+
+
+def _mermaid(definition: FlowDefinition) -> list[str]:
+    ids, entrance, end = _node_ids(definition)
+    lines = ["flowchart TD", f"    {entrance}((entrance))"]
+    for name, spec in definition.tasks.items():
+        if spec.child_task_func is not None:
+            lines.append(f'    {ids[name]}[["{name} (children)"]]')
+        else:
+            lines.append(f'    {ids[name]}["{name}"]')
+    lines.append(f"    {end}([{ALL_OVER}])")
+    lines.append(f"    {entrance} --> {ids[definition.default_entrance]}")
+    for name, spec in definition.tasks.items():
+        for target in spec.successors or (ALL_OVER,):
+            lines.append(f"    {ids[name]} --> {end if target == ALL_OVER else ids[target]}")
+    return lines
+
+
+def _dot_id(name: str) -> str:
+    return json.dumps(name)
+
+
+def _dot(definition: FlowDefinition) -> list[str]:
+    ids, entrance, end = _node_ids(definition)
+    lines = [
+        f"digraph {_dot_id(definition.name)} {{",
+        "    rankdir=TB;",
+        "    node [shape=box];",
+        f'    {_dot_id(entrance)} [shape=circle, label="entrance"];',
+    ]
+    for name, spec in definition.tasks.items():
+        if spec.child_task_func is not None:
+            label = _dot_id(f"{name} (children)")
+            lines.append(f"    {_dot_id(ids[name])} [peripheries=2, label={label}];")
+        else:
+            lines.append(f"    {_dot_id(ids[name])};")
+    lines.append(f'    {_dot_id(end)} [shape=doublecircle, label="{ALL_OVER}"];')
+    lines.append(f"    {_dot_id(entrance)} -> {_dot_id(ids[definition.default_entrance])};")
+    for name, spec in definition.tasks.items():
+        for target in spec.successors or (ALL_OVER,):
+            dest = end if target == ALL_OVER else ids[target]
+            lines.append(f"    {_dot_id(ids[name])} -> {_dot_id(dest)};")
+    lines.append("}")
+    return lines
+
+
+@cli.command()
+@click.argument("flow_cls", metavar="MODULE:CLASS", type=FLOW_CLASS)
+@click.option("--dot", is_flag=True, help="Graphviz DOT instead of Mermaid.")
+@click.option(
+    "--db", "db", metavar="PATH", hidden=True, help="Accepted, unused: graph reads no store."
+)
+def graph(flow_cls: type[Flow], dot: bool, db: str | None) -> None:
+    """Draw the tasks of a flow and their next= edges, as Mermaid (default) or Graphviz DOT.
+
+    The default entrance is pointed at by an "entrance" node, every branch ends in an all_over
+    node, and a task with children is drawn as a double box labelled "(children)".
+
+    \b
+    Examples:
+      threadflow graph myjobs:Nightly > nightly.mmd
+      threadflow graph myjobs:Nightly --dot | dot -Tsvg > nightly.svg
+    """
+    definition = flow_cls.definition
+    assert definition is not None  # FlowClass refuses flows without tasks
+    for line in _dot(definition) if dot else _mermaid(definition):
+        click.echo(line)
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """The ``threadflow`` console script."""
+    return cli.main(args=list(argv) if argv is not None else None, prog_name="threadflow")
