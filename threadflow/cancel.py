@@ -14,30 +14,50 @@ from typing import Any
 
 from .errors import CancelledError
 
+_event_lock = threading.Lock()
+
 
 class CancelToken:
     """The cancel state of one attempt. Cancelling is idempotent; the first reason wins."""
 
-    __slots__ = ("_event", "reason")
+    __slots__ = ("_cancelled", "_event", "reason")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        # Most attempts never wait on their token: the Event is made only when one does.
+        # Invariant: cancel() writes _cancelled before it reads _event, and _waitable() writes
+        # _event before it reads _cancelled, so no wait can miss a cancel.
+        self._cancelled = False
+        self._event: threading.Event | None = None
         self.reason: str | None = None
 
     @property
     def cancelled(self) -> bool:
         """True once the attempt has been cancelled."""
-        return self._event.is_set()
+        return self._cancelled
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the attempt to stop; safe from any thread, any number of times."""
         if self.reason is None:
             self.reason = reason
-        self._event.set()
+        self._cancelled = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def _waitable(self) -> threading.Event:
+        event = self._event
+        if event is None:
+            with _event_lock:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self._cancelled:
+            event.set()
+        return event
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`~threadflow.CancelledError` if the attempt has been cancelled."""
-        if self._event.is_set():
+        if self._cancelled:
             raise CancelledError(self.reason or "cancelled")
 
     def wait(self, seconds: float | None) -> None:
@@ -45,7 +65,7 @@ class CancelToken:
 
         :raises CancelledError: when the token is (or becomes) cancelled.
         """
-        if self._event.wait(seconds):
+        if self._waitable().wait(seconds):
             raise CancelledError(self.reason or "cancelled")
 
     def __repr__(self) -> str:

@@ -39,6 +39,8 @@ BATCH = 10_000
 WINDOW = 512
 #: Seconds between looks for runs that other processes asked of a global server.
 POLL = 0.2
+#: Seconds a transaction may stay open to group the commits of several turns.
+COMMIT_EVERY = 0.02
 
 
 def _brief(exc: BaseException) -> dict[str, str]:
@@ -242,6 +244,7 @@ class Coordinator:
         self._global: str | None = name_[1] if isinstance(name_, tuple) else None
         self._next_beat = 0.0  # when to renew the run's (and global name's) lease
         self._next_poll = 0.0  # when to look for runs other processes asked of a global name
+        self._commit_now = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -373,6 +376,9 @@ class Coordinator:
             when = self._next_beat if when is None else min(when, self._next_beat)
         if self._global is not None:
             when = min(when, self._next_poll)  # type: ignore[type-var]
+        if self.writer.in_transaction:
+            commit_at = self.writer.opened + COMMIT_EVERY
+            when = commit_at if when is None else min(when, commit_at)
         return None if when is None else max(0.0, when - monotonic())
 
     def _tick(self) -> None:
@@ -608,6 +614,7 @@ class Coordinator:
         self.attempts[att.uid] = att
         if child is None:
             stage.parent = att
+            self._commit_now = True  # a parent may read what came before it: results()
         else:
             stage.running[att.uid] = att
         self._event(stage.run.run_id, "task_started", stage.name, child, number, ref)
@@ -950,7 +957,21 @@ class Coordinator:
         if self._rows:
             writer.append(self._rows)
             self._rows = []
-        writer.commit()
+        # Group commit: a turn that owes nobody anything (no receiver to call, no worker or
+        # caller waiting for durability, no parent task about to read earlier results, no run
+        # ending) leaves the transaction open, for at most COMMIT_EVERY seconds. Children may
+        # then start before their task_started is on disk; after a crash they simply run
+        # again, as a replay does for all unfinished work.
+        if (
+            self._commit_now
+            or self._sigs
+            or self._replies
+            or self._after
+            or self._stop_at is not None
+            or self.now >= writer.opened + COMMIT_EVERY
+        ):
+            writer.commit()
+            self._commit_now = False
         if self._sigs:
             sigs, self._sigs = self._sigs, []
             for sig, kwargs in sigs:

@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ._clock import wall
+from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
 
 SCHEMA_VERSION = 1
@@ -247,25 +247,36 @@ class Writer:
             self.conn.close()
             raise StoreError(f"cannot set up the store {path!r}: {exc}") from exc
         self._in_tx = False
+        #: When the open transaction began (real monotonic seconds).
+        self.opened = 0.0
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_tx
 
     def begin(self) -> None:
         if not self._in_tx:
             self.conn.execute("BEGIN IMMEDIATE")
             self._in_tx = True
+            self.opened = monotonic()
 
     def commit(self) -> None:
         if self._in_tx:
             self._in_tx = False
             self.conn.execute("COMMIT")
 
-    def append(self, rows: Sequence[tuple[Any, ...]]) -> int:
-        """Insert event rows (see :data:`EVENT_COLUMNS`); return the seq of the first one.
+    def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert event rows (see :data:`EVENT_COLUMNS`), in order."""
+        self.begin()
+        self.conn.executemany(_INSERT_EVENT, rows)
+
+    def _append_numbered(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """As :meth:`append`; return the seq of the first row.
 
         Rows of one call get consecutive seqs: we hold the write lock, and a rowid table
         without AUTOINCREMENT hands out ``max(rowid) + 1``.
         """
-        self.begin()
-        self.conn.executemany(_INSERT_EVENT, rows)
+        self.append(rows)
         last: int = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         return last - len(rows) + 1
 
@@ -279,7 +290,7 @@ class Writer:
         self.begin()
         self.conn.execute("SAVEPOINT add_children")
         try:
-            first = self.append(rows)
+            first = self._append_numbered(rows)
             self.conn.executemany(
                 "INSERT INTO children (seq, run_id, task, child_id) VALUES (?, ?, ?, ?)",
                 [(first + i, run_id, task, cid) for i, cid in enumerate(ids)],
