@@ -14,9 +14,10 @@ import heapq
 import importlib
 import json
 import os
+import shlex
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -74,18 +75,15 @@ class CLIError(click.ClickException):
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+    def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
-        if exit_code is not None:
-            self.exit_code = exit_code
 
     def format_message(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
-def _db_hint(path: str) -> str:
-    return f"pass --db with the path of a threadflow store or set $THREADFLOW_DB (now: {path!r})"
+_DB_HINT = "pass --db with the path of a threadflow store, or set $THREADFLOW_DB"
 
 
 # -- opening the store -------------------------------------------------------------------
@@ -98,9 +96,9 @@ def _check_store(path: str) -> None:
     SQLite file; a read-only probe first keeps other databases untouched.
     """
     if not os.path.exists(path):
-        raise CLIError(f"no store at {path!r}", _db_hint(path))
+        raise CLIError(f"no store at {path!r}", _DB_HINT)
     if os.path.isdir(path):
-        raise CLIError(f"{path!r} is a directory, not a store file", _db_hint(path))
+        raise CLIError(f"{path!r} is a directory, not a store file", _DB_HINT)
     uri = Path(path).absolute().as_uri() + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True)
@@ -110,9 +108,7 @@ def _check_store(path: str) -> None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise CLIError(
-            f"{path!r} is not a readable SQLite database ({exc})", _db_hint(path)
-        ) from None
+        raise CLIError(f"{path!r} is not a readable SQLite database ({exc})", _DB_HINT) from None
     if version > SCHEMA_VERSION:
         raise CLIError(
             f"the store {path!r} has schema version {version}, written by a newer threadflow "
@@ -120,15 +116,13 @@ def _check_store(path: str) -> None:
             "upgrade threadflow",
         )
     if version == 0 or not {"events", "runs"} <= tables:
-        raise CLIError(f"{path!r} is not a threadflow store (no threadflow tables)", _db_hint(path))
+        raise CLIError(f"{path!r} is not a threadflow store (no threadflow tables)", _DB_HINT)
 
 
-def _store_error(exc: StoreError, path: str) -> CLIError:
-    message = str(exc)
-    # The library's advice names the Python argument; the CLI's names the option.
-    for tail in ("; point store= at another file", "; upgrade threadflow"):
-        message = message.removesuffix(tail)
-    return CLIError(message, _db_hint(path))
+def _store_error(exc: StoreError) -> CLIError:
+    # The library's default advice names the Python argument; the CLI's names the option.
+    hint = exc.hint if exc.hint == "upgrade threadflow" else _DB_HINT
+    return CLIError(exc.reason, hint)
 
 
 def _open(path: str) -> EventStore:
@@ -143,7 +137,7 @@ def _resolve(store: EventStore, prefix: str) -> RunInfo:
     except KeyError:
         pass
     except StoreError as exc:
-        raise _store_error(exc, store.path) from None
+        raise _store_error(exc) from None
     matches = [r.run_id for r in store.runs() if r.run_id.startswith(prefix)]
     if not matches:
         raise CLIError(
@@ -158,8 +152,6 @@ def _resolve(store: EventStore, prefix: str) -> RunInfo:
 
 
 def _quote(path: str) -> str:
-    import shlex
-
     return shlex.quote(path)
 
 
@@ -276,6 +268,8 @@ def _summarize(ev: Event) -> str:
         text = f"next attempt {data.get('next_attempt')} in {data.get('delay', 0):g}s"
     elif kind == "task_all_over":
         text = f"done={data.get('done')} failed={data.get('failed')}"
+    elif kind == "replayed":
+        text = f"segment {data.get('segment')} (after {data.get('previous_outcome')})"
     elif kind == "callback_error":
         text = f"{data.get('signal')} {data.get('receiver')}: {_error_text(data.get('error'))}"
     elif data:
@@ -313,8 +307,8 @@ def _exit_codes_epilog() -> str:
     lines += [
         "",
         "\b",
-        "The store is --db PATH (on every command), else $THREADFLOW_DB, else threadflow.db "
-        "in the working directory.",
+        "The store is --db PATH (on every command), else $THREADFLOW_DB,",
+        "else threadflow.db in the working directory. Times are UTC.",
     ]
     return "\n".join(lines)
 
@@ -339,6 +333,7 @@ def _db_path(db: str | None) -> str:
 
 
 @click.group(
+    name="threadflow",
     epilog=_exit_codes_epilog(),
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -397,7 +392,7 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
     try:
         infos = store.runs()
     except StoreError as exc:
-        raise _store_error(exc, path) from None
+        raise _store_error(exc) from None
     if flow is not None:
         infos = [r for r in infos if r.flow == flow]
     if limit is not None:
@@ -422,7 +417,7 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
         )
         for r in records
     ]
-    headers = ("RUN", "FLOW", "STATUS", "STARTED", "DURATION", "DONE", "FAILED")
+    headers = ("RUN", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "DONE", "FAILED")
     for line in _table(headers, rows, right="456"):
         click.echo(line)
 
@@ -450,7 +445,7 @@ def _event_row(ev: Event) -> tuple[str, ...]:
     )
 
 
-EVENT_HEADERS = ("SEQ", "TS", "KIND", "TASK", "CHILD", "ATTEMPT", "DATA")
+EVENT_HEADERS = ("SEQ", "TS (UTC)", "KIND", "TASK", "CHILD", "ATTEMPT", "DATA")
 
 
 def _print_events(store: EventStore, run_id: str, kinds: Sequence[str]) -> int:
@@ -622,7 +617,7 @@ def show(run: str, kinds: tuple[str, ...], summary: bool, db: str | None, as_jso
             what = f" of kind {', '.join(kinds)}" if kinds else ""
             click.echo(f"run {info.run_id} has no events{what}", err=True)
     except StoreError as exc:
-        raise _store_error(exc, path) from None
+        raise _store_error(exc) from None
 
 
 # -- loading a flow class ----------------------------------------------------------------------
@@ -636,7 +631,7 @@ def _flow_classes(module: Any) -> list[str]:
     )
 
 
-class FlowClass(click.ParamType):
+class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.2 only
     """``module:Class``: a :class:`~threadflow.Flow` subclass, importable from the working
     directory too (as ``python -m`` would)."""
 
@@ -679,9 +674,10 @@ class FlowClass(click.ParamType):
                     ctx,
                 )
         if not (isinstance(obj, type) and issubclass(obj, Flow)):
+            what = "a class" if isinstance(obj, type) else f"a {type(obj).__name__}"
             self.fail(
-                f"{value!r} is {type(obj).__name__ if not isinstance(obj, type) else 'a class'} "
-                f"but not a threadflow Flow subclass; name a class that subclasses Flow",
+                f"{value!r} is {what}, not a threadflow Flow subclass; "
+                "name a class that subclasses threadflow.Flow",
                 param,
                 ctx,
             )
@@ -707,7 +703,7 @@ def _result_record(result: Any) -> dict[str, Any]:
     }
 
 
-def _refused(message: str, hint: str) -> NoReturn:
+def _refused(message: str, hint: str | None = None) -> NoReturn:
     raise CLIError(f"replay refused: {message}", hint)
 
 
@@ -742,24 +738,17 @@ def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> Non
             f"run {info.run_id} is a run of flow {info.flow!r}, not {definition.name!r}",
             f"pass --flow with the module:Class of {info.flow!r}",
         )
-    replay_run: Callable[..., Any] | None = getattr(flow_cls, "replay", None)
-    if replay_run is None:
-        raise CLIError("this threadflow cannot replay runs", "upgrade threadflow")
     try:
-        result = replay_run(info.run_id, store=path)
-    except KeyError as exc:
-        raise CLIError(
-            str(exc.args[0]) if exc.args else f"unknown run {info.run_id}",
-            f"list the runs with: threadflow runs --db {_quote(path)}",
-        ) from None
+        result = flow_cls.replay(info.run_id, store=path)
     except ValueError as exc:
-        _refused(str(exc), "a run that ended all_over has nothing left to do")
+        _refused(str(exc), "start a new run to do the work again")
     except StoreError as exc:
-        raise _store_error(exc, path) from None
+        raise _store_error(exc) from None
     except ThreadflowError as exc:
-        _refused(str(exc), "see the message above for what to change")
+        _refused(str(exc))  # ReplayError messages say what to do
     except KeyboardInterrupt:
-        click.echo(f"run {info.run_id}: interrupted", err=True)
+        # Flow.replay stops its server on the way out, which records the run interrupted.
+        click.echo(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
         sys.exit(EXIT_INTERRUPTED)
     record = _result_record(result)
     if as_json:

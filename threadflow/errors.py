@@ -90,7 +90,18 @@ class ReplayError(ThreadflowError):
 
 
 class StoreError(ThreadflowError):
-    """The event store cannot be opened or used (not SQLite, corrupt, newer schema)."""
+    """The event store cannot be opened or used (not SQLite, corrupt, newer schema).
+
+    :ivar path: the store file.
+    :ivar reason: what is wrong with it.
+    :ivar hint: what to do about it, for a Python caller.
+    """
+
+    def __init__(self, path: str, reason: str, hint: str = "point store= at another file") -> None:
+        super().__init__(f"{reason}; {hint}")
+        self.path = path
+        self.reason = reason
+        self.hint = hint
 
 
 class CancelledError(BaseException):

@@ -31,6 +31,7 @@ class TaskHistory:
     children_added: int = 0
     children_started: int = 0
     children_done: int = 0
+    #: Children whose last outcome is a failure (one that succeeded in a replay is not).
     children_failed: int = 0
     exits: int = 0
     timeouts: int = 0
@@ -38,6 +39,8 @@ class TaskHistory:
     abandoned: int = 0
     #: Seq ranges of ``child_added`` rows released by successful attempts, in release order.
     released: list[tuple[int, int]] = field(default_factory=list)
+    # refs of children that failed and have not succeeded since (as many as failures)
+    _failed_refs: set[int] = field(default_factory=set, repr=False)
     first_ts: str | None = None
     last_ts: str | None = None
 
@@ -98,6 +101,9 @@ def fold(events: Iterable[Event], run_id: str | None = None) -> RunHistory:
             elif kind == "task_over":
                 if child:
                     t.children_done += 1
+                    if ev.ref in t._failed_refs:
+                        t._failed_refs.discard(ev.ref)
+                        t.children_failed -= 1
                 else:
                     t.parent_over = True
                 t.released.extend((lo, hi) for lo, hi in data.get("released", ()))
@@ -110,7 +116,8 @@ def fold(events: Iterable[Event], run_id: str | None = None) -> RunHistory:
             elif kind == "abandoned":
                 t.abandoned += 1
             elif kind == "task_failed":
-                if child:
+                if child and ev.ref is not None and ev.ref not in t._failed_refs:
+                    t._failed_refs.add(ev.ref)
                     t.children_failed += 1
                     if data.get("tolerated"):
                         run.failed.append((ev.task, ev.child_id))

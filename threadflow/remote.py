@@ -39,7 +39,7 @@ class RemoteRunHandle(RunHandle):
         self.store = store
 
     def _outcome(self) -> str | None:
-        conn = connect(self.store.path)
+        conn = connect(self.store.path, write=False)
         try:
             row = conn.execute(
                 "SELECT outcome FROM runs WHERE run_id = ?", (self.run_id,)
@@ -78,7 +78,7 @@ def request_start(path: str, name: str, entrance: str | None) -> RemoteRunHandle
     :raises ThreadflowError: if no live process owns ``name`` there, or it does not answer.
     :raises FlowRunning: if it is running a run already.
     """
-    conn = connect(path)
+    conn = connect(path, write=False)
     try:
         row = conn.execute(
             "SELECT pid, host, heartbeat FROM servers WHERE name = ?", (name,)

@@ -117,32 +117,41 @@ class RunInfo:
         return "running" if owner_alive(self.pid, self.host, self.heartbeat) else "interrupted"
 
 
-def connect(path: str, *, fsync: bool = False) -> sqlite3.Connection:
-    """Open ``path`` in WAL mode with a busy timeout, in autocommit mode (explicit BEGINs).
+def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
+    """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
 
-    :raises StoreError: if the file is not a SQLite database or was written by a newer
-        threadflow.
+    A writer (``write=True``) switches the file to WAL. A reader changes nothing, and accepts
+    only a threadflow store: it never touches another application's database.
+
+    :raises StoreError: if the file is not a SQLite database, was written by a newer
+        threadflow, or (for a reader) is not a threadflow store.
     """
+    if not write and not os.path.exists(path):
+        raise StoreError(path, f"there is no store at {path!r}")
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the store {path!r}: {exc}") from exc
+        raise StoreError(path, f"cannot open the store {path!r}: {exc}") from exc
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if version > SCHEMA_VERSION:
             raise StoreError(
+                path,
                 f"the store {path!r} has schema version {version}, written by a newer "
-                f"threadflow (this one reads up to {SCHEMA_VERSION}); upgrade threadflow"
+                f"threadflow (this one reads up to {SCHEMA_VERSION})",
+                "upgrade threadflow",
             )
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+        if not write and version != SCHEMA_VERSION:
+            raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
+        if write:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StoreError(
-            f"the store {path!r} is not a usable SQLite database ({exc}); "
-            "point store= at another file"
+            path, f"the store {path!r} is not a usable SQLite database ({exc})"
         ) from exc
     except BaseException:
         conn.close()
@@ -245,7 +254,7 @@ class Writer:
             ensure_schema(self.conn)
         except sqlite3.DatabaseError as exc:
             self.conn.close()
-            raise StoreError(f"cannot set up the store {path!r}: {exc}") from exc
+            raise StoreError(path, f"cannot set up the store {path!r}: {exc}") from exc
         self._in_tx = False
         #: When the open transaction began (real monotonic seconds).
         self.opened = 0.0
@@ -481,16 +490,11 @@ class EventStore:
         return f"EventStore({self.path!r})"
 
     def _connect(self) -> sqlite3.Connection:
-        if not os.path.exists(self.path):
-            raise StoreError(f"no store at {self.path!r}")
-        conn = connect(self.path)
-        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            conn.close()
-            raise StoreError(f"{self.path!r} is not a threadflow store (no threadflow tables)")
-        return conn
+        return connect(self.path, write=False)
 
     def runs(self) -> list[RunInfo]:
-        """Every run in the store, oldest first, with its children done and failed."""
+        """Every run in the store, oldest first, with its children done and failed (a child
+        that failed and then succeeded in a replay counts as done only)."""
         conn = self._connect()
         try:
             rows = conn.execute(
@@ -498,7 +502,9 @@ class EventStore:
                 "heartbeat, (SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
                 "AND e.kind = 'task_over' AND e.ref IS NOT NULL), "
                 "(SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
-                "AND e.kind = 'task_failed' AND e.ref IS NOT NULL) "
+                "AND e.kind = 'task_failed' AND e.ref IS NOT NULL AND NOT EXISTS ("
+                "SELECT 1 FROM events o WHERE o.run_id = r.run_id AND o.kind = 'task_over' "
+                "AND o.task = e.task AND o.ref = e.ref)) "
                 "FROM runs r ORDER BY started, rowid"
             ).fetchall()
         finally:
