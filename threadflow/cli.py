@@ -332,7 +332,21 @@ def _db_path(db: str | None) -> str:
     return group_db if group_db is not None else default_path()
 
 
+class _Group(click.Group):
+    """Turns an unexpected SQLite error (a damaged or foreign store) into one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except sqlite3.Error as exc:
+            raise CLIError(
+                f"the store could not be read ({exc})",
+                "check it with: sqlite3 FILE 'PRAGMA integrity_check', or use another --db",
+            ) from None
+
+
 @click.group(
+    cls=_Group,
     name="threadflow",
     epilog=_exit_codes_epilog(),
     context_settings={"help_option_names": ["-h", "--help"]},
