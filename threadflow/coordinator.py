@@ -106,6 +106,7 @@ class _Stage:
         "failed",
         "over",
         "replayed",
+        "standby",
     )
 
     def __init__(self, name: str, spec: Any, run: _Run) -> None:
@@ -124,6 +125,11 @@ class _Stage:
         self.failed = 0
         self.over = False
         self.replayed = False  # its children window skips children that already finished
+        # Children made ready to start, not started: a worker that finishes a child of this
+        # stage takes the next one from here at once, handing its slot over without waiting
+        # for a coordinator turn (the outcome message tells the coordinator). Filled only
+        # while nobody listens to task_start, which must fire before an attempt starts.
+        self.standby: deque[_Attempt] = deque()
 
 
 class _Attempt:
@@ -610,14 +616,18 @@ class Coordinator:
     def _start_attempt(
         self, stage: _Stage, child: str | None, ref: int | None, data: str | None, number: int
     ) -> None:
-        att = _Attempt(next(self._uids), stage, self, child, ref, data, number)
+        self._launch(_Attempt(next(self._uids), stage, self, child, ref, data, number))
+
+    def _launch(self, att: _Attempt) -> None:
+        """Make ``att`` current, record its start, and hand it to a worker after the flush."""
+        stage, child, number = att.stage, att.child_json, att.number
         self.attempts[att.uid] = att
         if child is None:
             stage.parent = att
             self._commit_now = True  # a parent may read what came before it: results()
         else:
             stage.running[att.uid] = att
-        self._event(stage.run.run_id, "task_started", stage.name, child, number, ref)
+        self._event(stage.run.run_id, "task_started", stage.name, child, number, att.ref)
         self._signal(signals.task_start, stage.run, att, number)
         self._submit.append(att)
 
@@ -629,8 +639,18 @@ class Coordinator:
         else:
             del att.stage.running[att.uid]
 
-    def _on_done(self, uid: int, error: BaseException | None, value: Any, data: str | None) -> None:
+    def _on_done(
+        self,
+        uid: int,
+        error: BaseException | None,
+        value: Any,
+        data: str | None,
+        nxt: _Attempt | None = None,
+        started: float = 0.0,
+    ) -> None:
         att = self.attempts.get(uid)
+        if nxt is not None:
+            self._handed_over(nxt, started)
         if att is None:
             self._late(uid, error)
             return
@@ -654,6 +674,32 @@ class Coordinator:
         else:
             stage.done += 1
         self._maybe_stage_over(stage)
+
+    def _handed_over(self, att: _Attempt, started: float) -> None:
+        """A worker started ``att`` from its stage's standby, in the slot of the attempt it
+        just finished: from now on it is a current attempt like any other."""
+        run, stage = att.run, att.stage
+        if run.over or self._stop_at is not None:
+            # Taken just as the run ended or the server began to stop: stop it, log it late.
+            att.token.cancel("stop" if self._stop_at is not None else "run_over")
+            self.cancelled[att.uid] = att
+            heapq.heappush(self._heap, (self.now + self.grace, next(self._hseq), "grace", att.uid))
+            return
+        self.attempts[att.uid] = att
+        stage.running[att.uid] = att
+        timeout = stage.spec.task_timeout
+        if timeout:
+            att.deadline = started + timeout
+        self._event(run.run_id, "task_started", stage.name, att.child_json, att.number, att.ref)
+
+    def _drain_standby(self, run: _Run) -> None:
+        for stage in run.stages.values():
+            standby = stage.standby
+            while standby:
+                try:
+                    standby.popleft()
+                except IndexError:  # a worker took the last one meanwhile
+                    break
 
     def _late(self, uid: int, error: BaseException | None) -> None:
         """An outcome of an attempt that is no longer current: logged, never acted on."""
@@ -786,6 +832,7 @@ class Coordinator:
             stage.over
             or not stage.parent_done
             or stage.running
+            or stage.standby
             or stage.delayed
             or stage.retry_ready
             or stage.buffer
@@ -813,7 +860,8 @@ class Coordinator:
     def _end_run(
         self, run: _Run, outcome: str, task: tuple[Any, ...] | None, error: BaseException | None
     ) -> None:
-        run.over = True
+        run.over = True  # set first: a worker never takes a standby attempt of an over run
+        self._drain_standby(run)
         for att in list(self.attempts.values()):  # every current attempt is of this run
             self._detach(att)
             self._cancel(att, "run_over")
@@ -840,6 +888,8 @@ class Coordinator:
         if self._stop_at is not None:
             return
         self._stop_at = self.now + grace
+        if self.run is not None:
+            self._drain_standby(self.run)
         for att in self.attempts.values():
             att.token.cancel("stop")
 
@@ -911,14 +961,25 @@ class Coordinator:
         run = self.run
         if run is None or self._stop_at is not None:
             return
+        # Hand-over is only for children nobody needs to hear about before they start.
+        handover = not signals.task_start.receivers
         for stage in list(run.stages.values()):
             if stage.over or not stage.parent_done:
                 continue
             free = stage.cap - len(stage.running)
+            standby = stage.standby
             while free > 0:
                 if stage.retry_ready:
                     self._start_attempt(stage, *stage.retry_ready.popleft())
-                elif stage.buffer or self._refill(stage):
+                    free -= 1
+                    continue
+                try:  # older than anything in the buffer: keep the order children were added
+                    self._launch(standby.popleft())
+                    free -= 1
+                    continue
+                except IndexError:
+                    pass
+                if stage.buffer or self._refill(stage):
                     seq, child, data = stage.buffer.popleft()
                     self._start_attempt(stage, child, seq, data, 1)
                 else:
@@ -928,6 +989,10 @@ class Coordinator:
                 free -= 1
             if run.over:
                 break
+            if handover and stage.running:
+                while len(standby) < stage.cap and (stage.buffer or self._refill(stage)):
+                    seq, child, data = stage.buffer.popleft()
+                    standby.append(_Attempt(next(self._uids), stage, self, child, seq, data, 1))
 
     def _refill(self, stage: _Stage) -> bool:
         ranges = stage.ranges

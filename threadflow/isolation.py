@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from ._clock import monotonic
 from .cancel import _local
 from .store import decode_id
 
@@ -40,28 +41,46 @@ def encode_result(value: Any) -> str | None:
 
 
 def run_attempt(att: Any) -> None:
-    """Run one attempt in this thread and post its outcome: ``("done", uid, error, value, data)``.
+    """Run an attempt in this thread and post its outcome to the coordinator.
 
-    The attempt is this thread's context while it runs, so that ``current_token()`` and
-    ``add_children_tasks()`` find it.
+    The message is ``("done", uid, error, value, data, next, started)``. If the attempt
+    succeeded and its stage has a standby child, this worker takes it at once and runs it in the finished attempt's
+    slot (``next``, started at ``started``), so that a stream of children does not wait for a
+    coordinator turn between two of them. The attempt is this thread's context while it runs,
+    so that ``current_token()`` and ``add_children_tasks()`` find it.
     """
     post = att.coord.post
-    _local.ctx = att
-    try:
-        spec = att.stage.spec
-        if att.child_json is None:
-            value = spec.task_func(att.run.view)
-        else:
-            child = (decode_id(att.child_json), json.loads(att.data)["payload"])
-            value = spec.child_task_func(child, att.run.view)
-        data = encode_result(value)
-    except BaseException as exc:  # the engine decides; a worker never raises
-        post(("done", att.uid, exc, None, json.dumps({"error": error_data(exc)})))
-    else:
-        post(("done", att.uid, None, value, data))
-    finally:
-        _local.ctx = None
-        att.returned = True
+    while att is not None:
+        _local.ctx = att
+        try:
+            spec = att.stage.spec
+            if att.child_json is None:
+                value = spec.task_func(att.run.view)
+            else:
+                child = (decode_id(att.child_json), json.loads(att.data)["payload"])
+                value = spec.child_task_func(child, att.run.view)
+            data = encode_result(value)
+            error = None
+        except BaseException as exc:  # the engine decides; a worker never raises
+            value, error, data = None, exc, json.dumps({"error": error_data(exc)})
+        finally:
+            _local.ctx = None
+            att.returned = True
+        nxt = None
+        standby = att.stage.standby
+        # Only a success hands its slot over: after a failure the coordinator decides (a retry
+        # goes first), and a cancelled attempt's slot is no longer its own.
+        if standby and error is None and not att.token.cancelled:
+            try:
+                nxt = standby.popleft()
+            except IndexError:
+                pass
+            else:
+                if nxt.run.over:  # the coordinator is draining it: not ours to start
+                    nxt = None
+        post(("done", att.uid, error, value, data, nxt, monotonic() if nxt else 0.0))
+        del value, error  # do not keep them alive while running the next one
+        att = nxt
 
 
 class ThreadPool:
