@@ -990,7 +990,8 @@ class Coordinator:
             if run.over:
                 break
             if handover and stage.running:
-                while len(standby) < stage.cap and (stage.buffer or self._refill(stage)):
+                depth = min(4 * stage.cap, WINDOW)  # enough for the workers until the next turn
+                while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()
                     standby.append(_Attempt(next(self._uids), stage, self, child, seq, data, 1))
 

@@ -44,10 +44,10 @@ def run_attempt(att: Any) -> None:
     """Run an attempt in this thread and post its outcome to the coordinator.
 
     The message is ``("done", uid, error, value, data, next, started)``. If the attempt
-    succeeded and its stage has a standby child, this worker takes it at once and runs it in the finished attempt's
-    slot (``next``, started at ``started``), so that a stream of children does not wait for a
-    coordinator turn between two of them. The attempt is this thread's context while it runs,
-    so that ``current_token()`` and ``add_children_tasks()`` find it.
+    succeeded and its stage has a standby child, this worker takes it at once and runs it in
+    the finished attempt's slot (``next``, started at ``started``), so that a stream of children
+    does not wait for a coordinator turn between two of them. The attempt is this thread's
+    context while it runs, so that ``current_token()`` and ``add_children_tasks()`` find it.
     """
     post = att.coord.post
     while att is not None:
