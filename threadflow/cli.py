@@ -15,8 +15,11 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import sqlite3
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any, NoReturn
 
 import click
 
+from . import timeline as _timeline
 from .errors import StoreError, ThreadflowError
 from .flow import ALL_OVER, Flow, FlowDefinition
 from .store import SCHEMA_VERSION, Event, EventStore, RunInfo, default_path
@@ -878,6 +882,482 @@ def graph(flow_cls: type[Flow], dot: bool, db: str | None) -> None:
     assert definition is not None  # FlowClass refuses flows without tasks
     for line in _dot(definition) if dot else _mermaid(definition):
         click.echo(line)
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+#: Seconds between two redraws of the progress lines.
+PROGRESS_EVERY = 0.2
+
+_PROGRESS_SIGNALS = (
+    "task_start",
+    "task_over",
+    "task_exit",
+    "task_timeout",
+    "task_retry",
+    "task_failed",
+    "task_all_over",
+)
+
+
+class _StageCount:
+    """What the progress line of one stage shows."""
+
+    __slots__ = (
+        "name",
+        "started",
+        "ended",
+        "parent",
+        "attempts",
+        "total",
+        "running",
+        "done",
+        "failed",
+        "exits",
+        "timeouts",
+        "retries",
+        "first_child",
+        "shown",
+    )
+
+    def __init__(self, name: str, now: float) -> None:
+        self.name = name
+        self.started = now
+        self.ended: float | None = None
+        self.parent = "running"  # running, over, failed
+        self.attempts = 0
+        self.total = 0  # children added (and not discarded), read from the store
+        self.running = 0
+        self.done = 0
+        self.failed = 0
+        self.exits = 0
+        self.timeouts = 0
+        self.retries = 0
+        self.first_child: float | None = None
+        self.shown = False  # its final line has been printed
+
+
+class _Progress:
+    """Counts per stage, kept by signal receivers connected with ``sender=server``.
+
+    Receivers run on the coordinator thread and only add to counters under a lock (they must
+    not block); the main thread reads a copy to draw. The number of children added is not a
+    signal: the main thread counts ``child_added`` rows in the store, from the last seq it saw.
+    """
+
+    def __init__(self, server: Flow, path: str) -> None:
+        from . import signals
+
+        self._server = server
+        self._path = path
+        self._lock = threading.Lock()
+        self.stages: dict[str, _StageCount] = {}
+        self._seq = 0
+        self._conn: sqlite3.Connection | None = None
+        self._receivers: list[tuple[Any, Any]] = []
+        for name in _PROGRESS_SIGNALS:
+            sig = getattr(signals, name)
+            receiver = getattr(self, f"_on_{name}")
+            sig.connect(receiver, sender=server, weak=False)
+            self._receivers.append((sig, receiver))
+
+    def close(self) -> None:
+        for sig, receiver in self._receivers:
+            sig.disconnect(receiver, sender=self._server)
+        self._receivers.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _stage(self, task: tuple[Any, ...]) -> _StageCount:
+        stage = self.stages.get(task[0])
+        if stage is None:
+            stage = self.stages[task[0]] = _StageCount(task[0], time.monotonic())
+        return stage
+
+    # Receivers: on the coordinator thread, one at a time, quick.
+
+    def _on_task_start(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            stage = self._stage(task)
+            if len(task) == 1:
+                stage.attempts += 1
+                stage.parent = "running"
+            else:
+                stage.running += 1
+                if stage.first_child is None:
+                    stage.first_child = time.monotonic()
+
+    def _ended(self, task: tuple[Any, ...]) -> _StageCount:
+        stage = self._stage(task)
+        if len(task) > 1:
+            stage.running = max(0, stage.running - 1)
+        return stage
+
+    def _on_task_over(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            stage = self._ended(task)
+            if len(task) == 1:
+                stage.parent = "over"
+            else:
+                stage.done += 1
+
+    def _on_task_exit(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            self._ended(task).exits += 1
+
+    def _on_task_timeout(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            self._ended(task).timeouts += 1
+
+    def _on_task_retry(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            self._stage(task).retries += 1
+
+    def _on_task_failed(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            stage = self._stage(task)
+            if len(task) == 1:
+                stage.parent = "failed"
+                stage.ended = time.monotonic()
+            else:
+                stage.failed += 1
+
+    def _on_task_all_over(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
+        with self._lock:
+            self._stage(task).ended = time.monotonic()
+
+    # The main thread.
+
+    def count_children(self, run_id: str) -> None:
+        """Add the children committed since the last call to each stage's total."""
+        from .store import connect
+
+        try:
+            if self._conn is None:
+                self._conn = connect(self._path, write=False)
+            conn = self._conn
+            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+            # A rowid range: reads only the rows written since the last call.
+            rows = conn.execute(
+                "SELECT task, kind, count(*), sum(json_extract(data, '$.count')) FROM events "
+                "WHERE seq > ? AND seq <= ? AND +run_id = ? "
+                "AND +kind IN ('child_added', 'children_discarded') GROUP BY task, kind",
+                (self._seq, last, run_id),
+            ).fetchall()
+        except (sqlite3.Error, StoreError):
+            return  # progress is best effort; the run itself reports real errors
+        self._seq = last
+        with self._lock:
+            for task, kind, count, discarded in rows:
+                stage = self._stage((task,))
+                stage.total += count if kind == "child_added" else -int(discarded or 0)
+
+    def snapshot(self) -> list[_StageCount]:
+        with self._lock:
+            copies = []
+            for stage in self.stages.values():
+                copy = _StageCount(stage.name, stage.started)
+                for slot in _StageCount.__slots__:
+                    setattr(copy, slot, getattr(stage, slot))
+                copies.append(copy)
+            return copies
+
+    def mark_shown(self, name: str) -> None:
+        with self._lock:
+            self.stages[name].shown = True
+
+
+_BAR_WIDTH = 20
+
+
+def _progress_line(stage: _StageCount, now: float, name_width: int = 12) -> str:
+    """One stage's progress: a bar of children finished / added, rate, time, then troubles."""
+    end = stage.ended if stage.ended is not None else now
+    took = _human_duration(max(0.0, end - stage.started))
+    name = stage.name.ljust(name_width)
+    finished = stage.done + stage.failed
+    troubles = _troubles(stage)
+    if stage.total == 0 and finished == 0:
+        if stage.parent == "failed":
+            state = f"failed after {stage.attempts} attempt{'s' if stage.attempts != 1 else ''}"
+        elif stage.ended is not None or stage.parent == "over":
+            state = "over"
+        else:
+            state = f"running (attempt {stage.attempts})"
+        return f"{name} {state}  {took}  {troubles}".rstrip()
+    total = max(stage.total, finished)
+    filled = int(_BAR_WIDTH * finished / total) if total else 0
+    bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
+    width = len(str(total))
+    text = f"{name} [{bar}] {finished:>{width}}/{total} children"
+    started = stage.first_child
+    if started is not None and finished:
+        text += f"  {finished / max(end - started, 1e-6):,.1f}/s"
+    return f"{text}  {took}  {troubles}".rstrip()
+
+
+def _troubles(stage: _StageCount) -> str:
+    """``1 failed, 4 exits, 2 timeouts, 5 retries``: only the counts that are not zero."""
+    parts = []
+    for count, one, many in (
+        (stage.failed, "failed", "failed"),
+        (stage.exits, "exit", "exits"),
+        (stage.timeouts, "timeout", "timeouts"),
+        (stage.retries, "retry", "retries"),
+    ):
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    return ", ".join(parts)
+
+
+class _ProgressView:
+    """Draws the stages on stderr: on a terminal, one live line per running stage, redrawn in
+    place; a stage that ends leaves one final line. Elsewhere (a log, a pipe) only the final
+    lines are written."""
+
+    def __init__(self, progress: _Progress, live: bool, enabled: bool = True) -> None:
+        self.progress = progress
+        self.live = live
+        self.enabled = enabled
+        self._drawn = 0  # live lines on screen
+
+    def _width(self) -> int:
+        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+
+    def draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        stages = self.progress.snapshot()
+        name_width = max([12, *(len(s.name) for s in stages)])
+        width = self._width()
+        out: list[str] = []
+        if self.live and self._drawn:
+            out.append(f"\x1b[{self._drawn}A\r\x1b[J")
+        live_lines = []
+        for stage in stages:
+            if stage.shown:
+                continue
+            line = _progress_line(stage, now, name_width)
+            if stage.ended is not None or final:
+                out.append(line + "\n")
+                self.progress.mark_shown(stage.name)
+            else:
+                live_lines.append(line[:width])
+        if self.live and not final:
+            out.extend(f"{line}\n" for line in live_lines)
+            self._drawn = len(live_lines)
+        else:
+            self._drawn = 0
+        if out:
+            # color=True keeps the cursor movements that click strips when it is not sure
+            # of the terminal; without live lines there are none.
+            click.echo("".join(out), nl=False, err=True, color=self.live or None)
+
+    def clear(self) -> None:
+        if self.enabled and self.live and self._drawn:
+            click.echo(f"\x1b[{self._drawn}A\r\x1b[J", nl=False, err=True, color=True)
+        self._drawn = 0
+
+
+def _check_run_store(path: str) -> None:
+    """``run`` creates a missing store, but never adopts a file that is not one."""
+    if os.path.exists(path) and not (os.path.isfile(path) and os.path.getsize(path) == 0):
+        _check_store(path)
+
+
+def _stop(server: Flow) -> None:
+    """Stop the server; a second Ctrl-C does not cut the stop short (it records the run)."""
+    while True:
+        try:
+            server.stop()
+            return
+        except KeyboardInterrupt:
+            click.echo("still stopping: waiting for running attempts to end", err=True)
+
+
+@cli.command(name="run")
+@click.argument("flow_cls", metavar="MODULE:CLASS", type=FLOW_CLASS)
+@click.option(
+    "--entrance",
+    metavar="TASK",
+    default=None,
+    help="Start at this task instead of the flow's default_entrance.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Live progress lines on stderr (default: when stderr is a terminal; else one line "
+    "per stage as it ends).",
+)
+@db_option
+@json_option
+def run_command(
+    flow_cls: type[Flow],
+    entrance: str | None,
+    progress: bool | None,
+    db: str | None,
+    as_json: bool,
+) -> None:
+    """Run a flow (MODULE:CLASS) once, with a progress line per stage on stderr.
+
+    Each stage shows its children finished / added, failures, exits, timeouts, retries and
+    children per second. Ctrl-C stops the run cleanly: running attempts are cancelled, the run
+    is recorded as interrupted, and the command to replay it is printed. The exit code tells
+    the outcome: 0 all_over, 1 failed_over, 4 interrupted.
+
+    \b
+    Examples:
+      threadflow run myjobs:Nightly --db runs.db
+      threadflow run myjobs:Nightly --entrance store --no-progress
+    """
+    path = _db_path(db)
+    definition = flow_cls.definition
+    assert definition is not None  # FlowClass refuses flows without tasks
+    if entrance is not None and entrance not in definition.tasks:
+        close = difflib.get_close_matches(entrance, list(definition.tasks), n=1)
+        suggestion = f"did you mean {close[0]!r}? " if close else ""
+        raise click.BadParameter(
+            f"{entrance!r} is not a task of {definition.name!r}; {suggestion}"
+            f"its tasks are {sorted(definition.tasks)}",
+            param_hint="'--entrance'",
+        )
+    _check_run_store(path)
+    try:
+        server = flow_cls.start_link(store=path)
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    except ThreadflowError as exc:  # AlreadyStarted: a global name another process owns
+        raise CLIError(str(exc)) from None
+    counts = _Progress(server, path)
+    live = sys.stderr.isatty() if progress is None else progress
+    view = _ProgressView(counts, live=live, enabled=progress is not False)
+    again = f"--db {_quote(path)} --flow {_flow_arg(flow_cls)}"
+    interrupted = False
+    try:
+        try:
+            handle = server.start_flow(entrance=entrance)
+            click.echo(
+                f"run {handle.run_id}: {definition.name} started at "
+                f"{entrance or definition.default_entrance} (store {path})",
+                err=True,
+            )
+            while True:
+                try:
+                    result = handle.result(timeout=PROGRESS_EVERY)
+                    break
+                except TimeoutError:
+                    counts.count_children(handle.run_id)
+                    view.draw()
+        except KeyboardInterrupt:
+            interrupted = True
+            view.clear()
+            click.echo("interrupted: stopping the run (running attempts are cancelled)", err=True)
+            _stop(server)
+            result = handle.result(timeout=5)
+        counts.count_children(result.run_id)
+        view.draw(final=True)
+    finally:
+        counts.close()
+        _stop(server)
+    _report_result(result, flow_cls, path, as_json, again, interrupted)
+
+
+def _report_result(
+    result: Any, flow_cls: type[Flow], path: str, as_json: bool, again: str, interrupted: bool
+) -> None:
+    record = _result_record(result)
+    if as_json:
+        _echo_json(record)
+    else:
+        took = _duration(result.state["start_time"].isoformat(), _utcnow_iso())
+        click.echo(f"run {result.run_id}: {result.outcome} in {_human_duration(took)}")
+        if result.task is not None:
+            click.echo(f"failed task: {_task_text(record['task'])}")
+            click.echo(f"error: {_error_text(result.error)}")
+        if result.failed:
+            click.echo(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
+    replay_cmd = f"threadflow replay {result.run_id} {again}"
+    if result.outcome == "failed_over":
+        click.echo(f"fix the cause, then replay: {replay_cmd}", err=True)
+        click.echo(
+            f"see where time went: threadflow timeline {result.run_id} --db {_quote(path)} "
+            f"-o {result.run_id}.html",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
+    if result.outcome == "interrupted":
+        click.echo(f"replay it to go on: {replay_cmd}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _utcnow_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+# -- timeline ----------------------------------------------------------------------------------
+
+
+@cli.command(name="timeline")
+@click.argument("run")
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    default=None,
+    help="The HTML file to write (default: RUN_ID.html here; - for stdout).",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=1),
+    default=_timeline.MAX_ROWS,
+    show_default=True,
+    metavar="N",
+    help="Children drawn one row each, at most; the rest get one summary row per task.",
+)
+@db_option
+def timeline_command(run: str, output: str | None, max_rows: int, db: str | None) -> None:
+    """Draw RUN (an id or unique prefix) as a self-contained HTML page.
+
+    The page has a summary of the run and a Gantt chart: one row per task and per child, one
+    bar per attempt coloured by outcome (over, exit, timeout, abandoned, the wait before a
+    retry), the error on hover. It loads nothing from the network: mail it, or keep it as a CI
+    artifact.
+
+    \b
+    Examples:
+      threadflow timeline 3f2a --db runs.db -o run.html
+      threadflow timeline 3f2a --max-rows 50 -o - > run.html
+    """
+    path = _db_path(db)
+    store = _open(path)
+    info = _resolve(store, run)
+    try:
+        built = _timeline.build(
+            store.iter_events(info.run_id), info.run_id, status=info.status, max_rows=max_rows
+        )
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    page = _timeline.render(built)
+    if output == "-":
+        click.echo(page, nl=False)
+        return
+    target = output or f"{info.run_id}.html"
+    try:
+        Path(target).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(
+            f"cannot write {target!r} ({exc.strerror or exc})", "pass -o with a writable path"
+        ) from None
+    children = sum(1 for r in built.rows if not r.is_parent)
+    hidden = sum(s.hidden_children for s in built.stages)
+    more = f", {hidden} more summed up" if hidden else ""
+    click.echo(
+        f"wrote {target}: run {info.run_id} ({built.status}), {len(built.stages)} tasks, "
+        f"{children} children drawn{more}",
+        err=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

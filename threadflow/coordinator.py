@@ -295,7 +295,9 @@ class Coordinator:
 
     def _disconnect_handlers(self) -> None:
         for sig, receiver in self._handlers:
-            sig.disconnect(receiver, sender=self.server)
+            # From every sender: blinker keeps a receiver disconnected from one sender only in
+            # Signal.receivers, which would keep this server alive for ever.
+            sig.disconnect(receiver)
         self._handlers.clear()
 
     def _main(self) -> None:
@@ -474,7 +476,7 @@ class Coordinator:
 
     def _signal(self, sig: Any, run: _Run, task: Any, attempt: int | None, **error: Any) -> None:
         # Nobody listening: nothing is built (no per-child cost).
-        if sig.receivers:
+        if sig.receivers and sig.has_receivers_for(self.server):
             if isinstance(task, _Attempt):
                 task = task.task()
             self._sigs.append(
@@ -560,8 +562,20 @@ class Coordinator:
         if self._refuse_if_stopping(handle, state):
             reply.set()
             return
+        from .flow import _registry_servers
+
+        # Another server of this process runs it: its coordinator took the claim in an
+        # earlier transaction and set its .run before committing. Look only once we hold the
+        # write lock, which serialises the claims.
+        self.writer.begin()
+        owned_here = any(
+            server is not self.server
+            and server._coord.run is not None
+            and server._coord.run.run_id == handle.run_id
+            for server in _registry_servers()
+        )
         try:
-            self.writer.claim_run(handle.run_id, os.getpid(), self._host, False)
+            self.writer.claim_run(handle.run_id, os.getpid(), self._host, owned_here)
         except (ValueError, ThreadflowError) as exc:
             self.server._run_ended(handle)
             reply.set(exc)
@@ -962,7 +976,7 @@ class Coordinator:
         if run is None or self._stop_at is not None:
             return
         # Hand-over is only for children nobody needs to hear about before they start.
-        handover = not signals.task_start.receivers
+        handover = not signals.task_start.has_receivers_for(self.server)
         for stage in list(run.stages.values()):
             if stage.over or not stage.parent_done:
                 continue
