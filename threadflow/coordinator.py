@@ -39,8 +39,6 @@ BATCH = 10_000
 WINDOW = 512
 #: Seconds between looks for runs that other processes asked of a global server.
 POLL = 0.2
-#: Seconds a transaction may stay open to group the commits of several turns.
-COMMIT_EVERY = 0.02
 
 
 def _brief(exc: BaseException) -> dict[str, str]:
@@ -215,6 +213,7 @@ class Coordinator:
         self.extra = dict(extra_state)
         self.grace = float(server.abandon_grace)
         self.fsync = bool(server.fsync)
+        self.commit_every = max(0.0, float(server.commit_every))
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.post = self.inbox.put
         name = str(server.name)
@@ -385,7 +384,7 @@ class Coordinator:
         if self._global is not None:
             when = min(when, self._next_poll)  # type: ignore[type-var]
         if self.writer.in_transaction:
-            commit_at = self.writer.opened + COMMIT_EVERY
+            commit_at = self.writer.opened + self.commit_every
             when = commit_at if when is None else min(when, commit_at)
         return None if when is None else max(0.0, when - monotonic())
 
@@ -682,6 +681,10 @@ class Coordinator:
             return
         self._event(run.run_id, "task_over", stage.name, att.child_json, att.number, att.ref, data)
         self._signal(signals.task_over, run, att, att.number)
+        if att.held or att.child_json is None:
+            # What this success releases must be on disk before any of it runs: a crash must
+            # not undo a parent whose children already ran.
+            self._commit_now = True
         stage.ranges.extend(att.held)  # its children are released, in the order added
         if att.child_json is None:
             stage.parent_done = True
@@ -1038,17 +1041,17 @@ class Coordinator:
             writer.append(self._rows)
             self._rows = []
         # Group commit: a turn that owes nobody anything (no receiver to call, no worker or
-        # caller waiting for durability, no parent task about to read earlier results, no run
-        # ending) leaves the transaction open, for at most COMMIT_EVERY seconds. Children may
-        # then start before their task_started is on disk; after a crash they simply run
-        # again, as a replay does for all unfinished work.
+        # caller waiting for durability, no parent task about to start or released children,
+        # no run ending) leaves the transaction open, for at most ``commit_every`` seconds.
+        # Children may then start, even end, before their events are on disk; after a crash
+        # they simply run again, as a replay does for all unfinished work.
         if (
             self._commit_now
             or self._sigs
             or self._replies
             or self._after
             or self._stop_at is not None
-            or self.now >= writer.opened + COMMIT_EVERY
+            or self.now >= writer.opened + self.commit_every
         ):
             writer.commit()
             self._commit_now = False

@@ -414,7 +414,8 @@ class Flow:
     the flow has exactly one first task), ``abandon_grace`` (seconds a cancelled thread gets
     before it is recorded as abandoned), ``stop_grace`` (seconds ``stop()`` waits for running
     attempts by default), ``fsync`` (True: ``synchronous=FULL``, every commit survives a power
-    loss).
+    loss), ``commit_every`` (seconds the log may group the commits of finished children; 0
+    commits every coordinator turn; see docs/replay.md for what a crash can then re-run).
 
     Callbacks (``handle_*``) run on the coordinator thread, one at a time, after their event is
     committed; they may change ``state`` in place and should not block.
@@ -425,6 +426,7 @@ class Flow:
     abandon_grace: ClassVar[float] = 1.0
     stop_grace: ClassVar[float] = 5.0
     fsync: ClassVar[bool] = False
+    commit_every: ClassVar[float] = 0.02
     _server_name: ClassVar[Any] = None
     # Set on each server by start_link().
     _name: Any
@@ -563,6 +565,8 @@ class Flow:
                     from .remote import request_start
                     from .store import default_path
 
+                    if cls.definition is not None and entrance is not None:
+                        cls.definition.check_entrance(entrance)
                     path = os.fspath(store) if store is not None else default_path()
                     return request_start(path, name_or_server[1], entrance)
                 raise ThreadflowError(

@@ -39,21 +39,27 @@ class RemoteRunHandle(RunHandle):
         self.store = store
 
     def _outcome(self) -> str | None:
+        """The run's outcome; ``"interrupted"`` if its owner died before ending it."""
         conn = connect(self.store.path, write=False)
         try:
             row = conn.execute(
-                "SELECT outcome FROM runs WHERE run_id = ?", (self.run_id,)
+                "SELECT outcome, pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,)
             ).fetchone()
         finally:
             conn.close()
-        return row[0] if row else None
+        if row is None:
+            return None
+        outcome, pid, host, heartbeat = row
+        if outcome is None and not owner_alive(pid, host, heartbeat):
+            return "interrupted"
+        return outcome  # type: ignore[no-any-return]
 
     def done(self) -> bool:
         return self._outcome() is not None
 
     def result(self, timeout: float | None = None) -> RunResult:
         deadline = None if timeout is None else monotonic() + timeout
-        while self._outcome() is None:
+        while (outcome := self._outcome()) is None:
             if deadline is not None and monotonic() >= deadline:
                 raise TimeoutError(f"run {self.run_id} has not ended after {timeout} s")
             _wait(_POLL)
@@ -63,7 +69,7 @@ class RemoteRunHandle(RunHandle):
             error = ThreadflowError(f"{history.error['type']}: {history.error['message']}")
         state = {"run_id": self.run_id, "store": self.store}
         return RunResult(
-            history.outcome or "interrupted",
+            history.outcome or outcome,
             self.run_id,
             state,
             history.task,

@@ -135,6 +135,13 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
     """
     if not write and not os.path.exists(path):
         raise StoreError(path, f"there is no store at {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if write and not os.path.isdir(folder):
+        raise StoreError(
+            path,
+            f"cannot create the store {path!r}: the directory {folder!r} does not exist",
+            "create the directory first, or point store= at an existing one",
+        )
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512

@@ -254,11 +254,8 @@ class _Builder:
             bar.attempt = ev.attempt
         interesting = bar.kind != "over" or (ev.attempt or 1) > 1
         row = self._row(ev, create=False)
-        if row is None and ev.ref is not None:
-            if interesting and self.interesting_rows < self.max_rows:
-                row = self._row(ev, create=True)
-            elif not interesting and self.child_rows < self.max_rows:
-                row = self._row(ev, create=True)
+        if row is None and interesting and self.interesting_rows < self.max_rows:
+            row = self._row(ev, create=True)
         if row is None:
             assert ev.ref is not None  # parent rows are always drawn
             stage = self._stage(ev.task or "")
@@ -336,6 +333,9 @@ class _Builder:
                 self._row(ev, create=True)
             elif self._mark_seen(ev.ref):
                 stage.children_seen += 1
+                # The first children to start get rows, in the order they were added.
+                if self.child_rows < self.max_rows:
+                    self._row(ev, create=True)
             self.open[key3] = (t, ev.child_id)
             waited = self.retry_at.pop(row_key, None)
             if waited is not None and t > waited[0]:
@@ -904,7 +904,8 @@ def _draw_hidden(
         f'<rect class="row" x="0" y="{y}" width="{width}" height="{_ROW_H}" fill="{stripe}"/>',
         f'<text x="18" y="{mid + 4}" fill="#59636e" font-style="italic"><title>{n} more '
         f"children of {_e(stage.name)} are not drawn one by one ({kinds}); the bars show how "
-        f"many of their attempts ran at each moment</title>+{n} more children</text>",
+        f"many of their attempts ran at each moment</title>+{n} more "
+        f"{'child' if n == 1 else 'children'}</text>",
     ]
     starts, ends = stage.hidden_starts, stage.hidden_ends
     if not starts:
