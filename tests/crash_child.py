@@ -104,7 +104,7 @@ def _print(line: str) -> None:
     os.write(1, line.encode() + b"\n")  # one write: the test reads whole lines
 
 
-def _crash(store: str, phase: str, children: str, journal: str, commit_every: str) -> None:
+def _crash(store: str, phase: str, children: str, journal: str, commit_every: str = "0.02") -> None:
     from replay_flows import CrashFlow
 
     CrashFlow.commit_every = float(commit_every)  # this process only

@@ -42,11 +42,12 @@ class Stream(Flow):
 
 
 def test_streamed_children_keep_the_cap_time_out_and_are_all_logged(store_path):
-    # The hand-over path is the one under test: nobody may listen to task_start.
-    assert not signals.task_start.receivers, signals.task_start.receivers
     active["peak"] = 0
 
-    result = Stream.run(store=store_path)
+    with Stream.start_link(store=store_path) as server:
+        # The hand-over path is the one under test: nobody may listen to task_start here.
+        assert not signals.task_start.has_receivers_for(server)
+        result = server.start_flow().result(timeout=30)
 
     assert result.outcome == "all_over"
     assert result.failed == [("a", 17)]

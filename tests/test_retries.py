@@ -338,6 +338,9 @@ class ChildRetries(Flow, server_name="retries-children"):
         task_func=add_three_children,
         child_task_func=child_fails_by_plan,
         task_retry_limit=3,
+        # One at a time, so the calls are deterministic: a failed child's retry runs before
+        # the next child starts, and child 2 fails the run only after child 1 is done.
+        max_concurrency=1,
         next=ALL_OVER,
     )
 

@@ -51,17 +51,6 @@ def _brief(exc: BaseException) -> dict[str, str]:
     return {"type": name, "message": str(exc)}
 
 
-def _with_released(data: str | None, held: list[list[int]]) -> str:
-    """Add to a ``task_over``'s data the seq ranges of the children its attempt added.
-
-    This is what makes those children live for a replay (see ``history``).
-    """
-    released = json.dumps(held, separators=(",", ":"))
-    if data is None:
-        return '{"released":' + released + "}"
-    return data[:-1] + ',"released":' + released + "}"  # data is always a JSON object
-
-
 class _Run:
     """One run of the flow; lives from its ``start`` message to its final event."""
 
@@ -669,17 +658,19 @@ class Coordinator:
             return
         self._detach(att)
         stage, run = att.stage, att.run
-        if error is None and att.held:
-            data = _with_released(data, att.held)
         if self._stop_at is not None:
             # Stopping: record what really happened, decide nothing more.
             kind = "task_over" if error is None else "exit"
             self._event(run.run_id, kind, stage.name, att.child_json, att.number, att.ref, data)
+            if error is None and att.held:
+                self._released(att)
             return
         if error is not None:
             self._failed(att, "exit", error, data)
             return
         self._event(run.run_id, "task_over", stage.name, att.child_json, att.number, att.ref, data)
+        if att.held:
+            self._released(att)
         self._signal(signals.task_over, run, att, att.number)
         if att.held or att.child_json is None:
             # What this success releases must be on disk before any of it runs: a crash must
@@ -691,6 +682,18 @@ class Coordinator:
         else:
             stage.done += 1
         self._maybe_stage_over(stage)
+
+    def _released(self, att: _Attempt) -> None:
+        """Record which children a successful attempt made live: what a replay will run."""
+        self._event(
+            att.run.run_id,
+            "children_released",
+            att.stage.name,
+            att.child_json,
+            att.number,
+            att.ref,
+            json.dumps({"ranges": att.held}, separators=(",", ":")),
+        )
 
     def _handed_over(self, att: _Attempt, started: float) -> None:
         """A worker started ``att`` from its stage's standby, in the slot of the attempt it

@@ -3,8 +3,9 @@
 :func:`fold` is pure and streams: it keeps one small record per task, never one per child, so
 folding a run with a million children takes constant memory. Which children still have to run
 is not decided here but by the store, with the ``released`` ranges this fold collects: a child is
-*live* when the attempt that added it succeeded (its ``task_over`` lists the seq ranges of the
-children it added), and *finished* when it has a ``task_over`` or a tolerated ``task_failed``.
+*live* when the attempt that added it succeeded (a ``children_released`` event after its
+``task_over`` lists the seq ranges of the children it added), and *finished* when it has a
+``task_over`` or a tolerated ``task_failed``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def fold(events: Iterable[Event], run_id: str | None = None) -> RunHistory:
                         t.children_failed -= 1
                 else:
                     t.parent_over = True
-                t.released.extend((lo, hi) for lo, hi in data.get("released", ()))
+            elif kind == "children_released":
+                t.released.extend((lo, hi) for lo, hi in data["ranges"])
             elif kind == "exit":
                 t.exits += 1
             elif kind == "timeout":

@@ -232,7 +232,7 @@ class _Builder:
         key = (ev.task or "", ev.ref)
         row = self.rows.get(key)
         if row is None and create:
-            label = ev.task or "" if ev.ref is None else f"{ev.task}[{_compact(ev.child_id)}]"
+            label = (ev.task or "") if ev.ref is None else f"{ev.task}[{_compact(ev.child_id)}]"
             row = self.rows[key] = Row(ev.task or "", label, ev.ref)
             if ev.ref is not None:
                 self.child_rows += 1
@@ -274,14 +274,14 @@ class _Builder:
             name = f"{name}[{_compact(ev.child_id)}]"
         return f"{name} attempt {ev.attempt}"
 
-    def _close_open(self, reason: str, kind: str) -> None:
-        """End every attempt still open, as the run (or its segment) ended under it."""
+    def _close_open(self, reason: str, kind: str, at: float) -> None:
+        """End every attempt still open at ``at``, as the run (or its segment) ended."""
         for (task, ref, attempt), (start, child) in list(self.open.items()):
             ev = Event(0, "", "", "", task, child, attempt, ref, None)
-            text = f"{self._who(ev)}: {reason}\n{self._when(start, self.now)}"
-            self._add_bar(ev, Bar(start, self.now, kind, text))
+            text = f"{self._who(ev)}: {reason}\n{self._when(start, at)}"
+            self._add_bar(ev, Bar(start, at, kind, text))
             if kind == "cancelled":
-                self.cancelled[(task, ref, attempt)] = [self.now, False, child]
+                self.cancelled[(task, ref, attempt)] = [at, False, child]
         self.open.clear()
 
     def _when(self, start: float, end: float) -> str:
@@ -301,8 +301,12 @@ class _Builder:
             self.order = list((data.get("definition") or {}).keys())
             return
         if kind == "replayed":
-            if self.open:
-                self._close_open("no outcome in the log: its process ended", "running")
+            end = self.spans[-1][1] if self.spans else t
+            if self.open:  # attempts of the segment before that never reported
+                self._close_open("no outcome in the log: its process ended", "running", end)
+            if not self.markers or self.markers[-1].kind not in FINAL_KINDS:
+                text = "the process ended without a final event (a crash or a kill)"
+                self.markers.append(Marker(end, "interrupted", text))
             self.spans.append([t, t])
             self.markers.append(Marker(t, "replayed", f"replay {data.get('segment', '')}"))
             return
@@ -310,7 +314,7 @@ class _Builder:
             self.spans[-1][1] = t
         if kind in FINAL_KINDS:
             why = {"failed_over": "the run failed", "interrupted": "the run was stopped"}
-            self._close_open(f"cancelled: {why.get(kind, 'the run ended')}", "cancelled")
+            self._close_open(f"cancelled: {why.get(kind, 'the run ended')}", "cancelled", t)
             text = kind
             if kind == "failed_over" and data.get("task"):
                 task = data["task"]
@@ -419,7 +423,7 @@ class _Builder:
     def finish(self, history: RunHistory, status: str) -> Timeline:
         if self.open:
             self._close_open(
-                "no outcome in the log (still running, or its process died)", "running"
+                "no outcome in the log (still running, or its process died)", "running", self.now
             )
         for (task, ref, attempt), (since, abandoned, child) in self.cancelled.items():
             if abandoned:
@@ -457,9 +461,10 @@ class _Builder:
         parents = [r for r in self.rows.values() if r.is_parent]
         loud = [r for r in self.rows.values() if not r.is_parent and r.interesting]
         quiet = [r for r in self.rows.values() if not r.is_parent and not r.interesting]
-        loud = loud[: self.max_rows]
         keep = quiet[: max(0, self.max_rows - len(loud))]
-        for row in quiet[len(keep) :]:
+        dropped = loud[self.max_rows :] + quiet[len(keep) :]
+        loud = loud[: self.max_rows]
+        for row in dropped:  # summed up in their task's last row instead
             stage = self._stage(row.task)
             for bar in row.bars:
                 stage.hidden_starts.append(bar.start)
