@@ -873,4 +873,4 @@ def test_every_command_and_exit_code_is_documented():
 
 
 def test_commands_are_the_documented_set():
-    assert sorted(cli.commands) == ["graph", "replay", "runs", "show"]
+    assert sorted(cli.commands) == ["graph", "replay", "run", "runs", "show", "timeline"]

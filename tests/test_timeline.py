@@ -6,10 +6,16 @@ middle wait on ``threading.Event``s that the test sets.
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import subprocess
+import sys
 import threading
 from html.parser import HTMLParser
+from pathlib import Path
 
+import freezegun
 import pytest
 from click.testing import CliRunner
 
@@ -417,3 +423,36 @@ def test_timeline_command_reports_an_unwritable_output(mixed, tmp_path):
     assert result.exit_code == 3
     assert "cannot write" in result.stderr
     assert result.stderr.rstrip().endswith("pass -o with a writable path")
+
+
+def test_a_run_under_a_frozen_clock_is_drawn_without_error(store_path):
+    with freezegun.freeze_time("2030-01-01"):
+        result = Many.run(store=store_path)
+    tl = build(EventStore(store_path).iter_events(result.run_id), result.run_id, max_rows=3)
+    assert tl.end == 0.0  # every event carries the same frozen time
+    page = render(tl)
+    assert "2030-01-01 00:00:00" in page
+    assert page.count('<rect class="bar"') >= 4
+
+
+def test_a_crashed_then_replayed_run_shows_the_crash(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root))
+    db = str(tmp_path / "runs.db")
+    crashed = subprocess.run(
+        [sys.executable, "-c", f"import tests.cli_flows as f; f.Stages.run(store={db!r})"],
+        cwd=root,
+        env={**os.environ, "CLI_FLOWS_CRASH": "2", "PYTHONPATH": str(root)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert crashed.returncode == 17, crashed.stderr  # os._exit in child 2: no final event
+    flows = importlib.import_module("tests.cli_flows")
+    (info,) = EventStore(db).runs()
+    assert flows.Stages.replay(info.run_id, store=db).outcome == "all_over"
+    tl = build(EventStore(db).iter_events(info.run_id), info.run_id)
+    assert [m.kind for m in tl.markers] == ["interrupted", "replayed", "all_over"]
+    assert "without a final event" in tl.markers[0].text
+    row = rows_by_label(tl)["split[2]"]
+    assert [b.kind for b in row.bars] == ["running", "over"]
+    assert "its process ended" in row.bars[0].text

@@ -39,11 +39,11 @@ EXIT_ERROR = 3
 EXIT_INTERRUPTED = 4
 
 EXIT_CODES = (
-    (0, "success; for replay: the run ended all_over"),
-    (EXIT_FAILED, "replay: the run ended failed_over"),
+    (0, "success; for run and replay: the run ended all_over"),
+    (EXIT_FAILED, "run, replay: the run ended failed_over"),
     (EXIT_USAGE, "usage error, or a module:Class that cannot be imported or is not a Flow"),
     (EXIT_ERROR, "unknown or ambiguous run, unusable store, or replay refused"),
-    (EXIT_INTERRUPTED, "replay: the run was interrupted (replay it again to go on)"),
+    (EXIT_INTERRUPTED, "run, replay: the run was interrupted (replay it to go on)"),
 )
 
 #: Event kinds the engine writes (``--kind`` accepts others, with a warning).
@@ -57,6 +57,7 @@ EVENT_KINDS = (
     "retry",
     "task_failed",
     "children_discarded",
+    "children_released",
     "task_all_over",
     "all_over",
     "failed_over",
@@ -1234,7 +1235,7 @@ def run_command(
     live = sys.stderr.isatty() if progress is None else progress
     view = _ProgressView(counts, live=live, enabled=progress is not False)
     again = f"--db {_quote(path)} --flow {_flow_arg(flow_cls)}"
-    interrupted = False
+    handle: Any = None
     try:
         try:
             handle = server.start_flow(entrance=entrance)
@@ -1251,22 +1252,28 @@ def run_command(
                     counts.count_children(handle.run_id)
                     view.draw()
         except KeyboardInterrupt:
-            interrupted = True
             view.clear()
             click.echo("interrupted: stopping the run (running attempts are cancelled)", err=True)
             _stop(server)
-            result = handle.result(timeout=5)
+            if handle is None:  # Ctrl-C before the run was started: nothing to replay
+                sys.exit(EXIT_INTERRUPTED)
+            try:
+                result = handle.result(timeout=5)
+            except TimeoutError:
+                raise CLIError(
+                    f"run {handle.run_id} did not report its end after the stop",
+                    f"see its state with: threadflow show {handle.run_id} --db {_quote(path)}",
+                ) from None
         counts.count_children(result.run_id)
         view.draw(final=True)
     finally:
         counts.close()
         _stop(server)
-    _report_result(result, flow_cls, path, as_json, again, interrupted)
+    _report_result(result, path, as_json, again)
 
 
-def _report_result(
-    result: Any, flow_cls: type[Flow], path: str, as_json: bool, again: str, interrupted: bool
-) -> None:
+def _report_result(result: Any, path: str, as_json: bool, again: str) -> None:
+    """Print the outcome (and what to do next), and exit with its code."""
     record = _result_record(result)
     if as_json:
         _echo_json(record)
