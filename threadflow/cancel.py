@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import CancelledError
@@ -18,11 +19,12 @@ from .errors import CancelledError
 class CancelToken:
     """The cancel state of one attempt. Cancelling is idempotent; the first reason wins."""
 
-    __slots__ = ("_event", "reason")
+    __slots__ = ("_event", "reason", "_callbacks")
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: str | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -34,6 +36,23 @@ class CancelToken:
         if self.reason is None:
             self.reason = reason
         self._event.set()
+        for callback in self._callbacks or ():
+            callback()
+
+    def _on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the token is cancelled (at once if it already is).
+
+        Engine internal: it wakes the thread that drives a subprocess attempt. The callback runs
+        in the cancelling thread (usually the coordinator), so it must be quick and must not
+        raise; it may run twice when registering races with cancelling.
+        """
+        # Append, then look: whichever order this and cancel() interleave in, the callback
+        # runs at least once after the token is cancelled.
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+        if self._event.is_set():
+            callback()
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`~threadflow.CancelledError` if the attempt has been cancelled."""

@@ -28,6 +28,7 @@ from ._clock import monotonic, utcnow
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
 from .isolation import ExecutorPool, ThreadPool, error_data, run_attempt
+from .processes import ProcessPool
 from .result import RunHandle, RunResult
 from .store import EventStore, Writer, decode_id
 
@@ -196,6 +197,7 @@ class Coordinator:
         self.post = self.inbox.put
         name = str(server.name)
         self.pool: Any = ExecutorPool(executor) if executor is not None else ThreadPool(name)
+        self.procs = ProcessPool(self)  # subprocess attempts; starts processes only when needed
         self.thread = threading.Thread(
             target=self._main, name=f"threadflow-coordinator-{name}", daemon=True
         )
@@ -284,6 +286,7 @@ class Coordinator:
             self._crash(exc)
         finally:
             self.pool.shutdown()
+            self.procs.shutdown()
             try:
                 self.writer.close()
             except Exception:  # pragma: no cover - closing a broken connection
@@ -469,7 +472,7 @@ class Coordinator:
     def _on_done(self, uid: int, error: BaseException | None, value: Any, data: str | None) -> None:
         att = self.attempts.get(uid)
         if att is None:
-            self._late(uid, error)
+            self._late(uid, error, data)
             return
         self._detach(att)
         stage, run = att.stage, att.run
@@ -490,16 +493,19 @@ class Coordinator:
             stage.done += 1
         self._maybe_stage_over(stage)
 
-    def _late(self, uid: int, error: BaseException | None) -> None:
+    def _late(self, uid: int, error: BaseException | None, data: str | None = None) -> None:
         """An outcome of an attempt that is no longer current: logged, never acted on."""
         att = self.cancelled.pop(uid, None)
         if att is None:  # pragma: no cover - every submitted attempt is current or cancelled
             return
         if att.abandoned:
             self._abandoned = tuple(a for a in self._abandoned if a is not att)
-        outcome = {"outcome": "over" if error is None else "exit"}
+        outcome: dict[str, Any] = {"outcome": "over" if error is None else "exit"}
         if error is not None:
-            outcome["error"] = _brief(error)  # type: ignore[assignment]
+            outcome["error"] = _brief(error)
+        process = json.loads(data).get("process") if data else None
+        if process is not None:  # a subprocess attempt: how its process ended (the kill)
+            outcome["process"] = process
         self._event(
             att.run.run_id,
             "stale",

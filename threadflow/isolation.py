@@ -1,5 +1,8 @@
 """Where attempts run: the server's worker threads, and the code that runs one attempt.
 
+Subprocess attempts are driven from the same threads; their processes live in
+:mod:`threadflow.processes`.
+
 Workers run user code and report an *outcome value* to the coordinator's inbox; they never
 raise into the engine and never touch run state (one owner: the coordinator).
 """
@@ -43,8 +46,15 @@ def run_attempt(att: Any) -> None:
     """Run one attempt in this thread and post its outcome: ``("done", uid, error, value, data)``.
 
     The attempt is this thread's context while it runs, so that ``current_token()`` and
-    ``add_children_tasks()`` find it.
+    ``add_children_tasks()`` find it. A subprocess attempt is handed to a worker process
+    (:mod:`threadflow.processes`); this thread drives it and posts its outcome the same way.
     """
+    if att.stage.spec.isolation == "subprocess":
+        try:
+            att.coord.procs.run(att)
+        finally:
+            att.returned = True
+        return
     post = att.coord.post
     _local.ctx = att
     try:
