@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from .errors import DuplicateChildError, StoreError
 
 SCHEMA_VERSION = 1
@@ -116,6 +114,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the tables and indexes if missing (idempotent, safe against a concurrent creator)."""
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
+    # Imported here: it is most of the cost of importing threadflow, which every subprocess
+    # worker pays at start, and only creating a store needs it.
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     db.table("events").create(
         {
