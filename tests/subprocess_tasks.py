@@ -51,6 +51,14 @@ def pid(state):
     return os.getpid()
 
 
+def add_five(state):
+    add_children_tasks(((i, None) for i in range(5)), state)
+
+
+def child_pid(child, state):
+    return os.getpid()
+
+
 def hang_first(state):
     """The first attempt ignores its token and sleeps in C; later ones return their number."""
     n = attempt(state, "hang")

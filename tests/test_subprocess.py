@@ -35,6 +35,9 @@ from threadflow import (
 
 HANG_GUARD = 30  # seconds: only a guard against a hanging test, never a synchronisation
 GONE_WITHIN = 5.0  # seconds a killed process gets to disappear
+# A task's timeout covers the boot of a new process (about 0.1 s, much more on a busy machine):
+# long enough for that, short enough to keep the file quick.
+TIMEOUT = 1.0
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -118,6 +121,24 @@ def test_a_warm_process_runs_the_next_attempt(store_path, tmp_path):
 
     look, again = [d["result"] for d in event_data(store_path, res.run_id, "task_over")]
     assert look["pid"] == again
+
+
+class OneAtATime(Flow):
+    split = task(
+        task_func=tasks.add_five,
+        child_task_func=tasks.child_pid,
+        isolation="subprocess",
+        max_concurrency=1,
+        next=ALL_OVER,
+    )
+
+
+def test_attempts_one_after_another_all_run_in_the_same_warm_process(store_path, tmp_path):
+    with OneAtATime.start_link(store=store_path, dir=str(tmp_path)) as server:
+        res = server.start_flow().result(timeout=HANG_GUARD)
+
+    assert res.outcome == "all_over", res.error
+    assert len({pid for _, pid in results(res.state, "split")}) == 1
 
 
 class ReadStore(Flow):
@@ -283,7 +304,7 @@ class Hangs(Flow):
     work = task(
         task_func=tasks.hang_first,
         isolation="subprocess",
-        task_timeout=0.3,
+        task_timeout=TIMEOUT,
         task_retry_limit=2,
         next=ALL_OVER,
     )
@@ -320,7 +341,7 @@ class HangsWithGrandchild(Flow):
     work = task(
         task_func=tasks.hang_with_grandchild_first,
         isolation="subprocess",
-        task_timeout=0.3,
+        task_timeout=TIMEOUT,
         task_retry_limit=2,
         next=ALL_OVER,
     )
@@ -340,7 +361,7 @@ class SleepsCooperatively(Flow):
     work = task(
         task_func=tasks.sleep_cooperatively_first,
         isolation="subprocess",
-        task_timeout=0.3,
+        task_timeout=TIMEOUT,
         task_retry_limit=2,
         next=ALL_OVER,
     )

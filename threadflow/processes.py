@@ -42,6 +42,7 @@ import signal
 import socket
 import threading
 import warnings
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -96,6 +97,7 @@ class ProcessPool:
         self._closed = False
         self._atexit = False
         self._blobs: dict[Any, bytes] = {}  # task function -> pickle (definitions are fixed)
+        self._preload: tuple[bytes, ...] | None = None
         self._flow_blob: tuple[Any, bytes] | None = None
         self._warned_run: str | None = None
         self._warned: set[str] = set()
@@ -115,7 +117,7 @@ class ProcessPool:
                 raise CancelledError(att.token.reason or "cancelled")
             proc = self._acquire()
             att.token._on_cancel(proc.wake)
-            error, data, reuse = proc.attempt(att, job, self.grace)
+            error, data, reuse = proc.attempt(att, job, self.grace, self._spare)
         except BaseException as exc:  # the engine decides; a worker never raises
             error, data = exc, json.dumps({"error": error_data(exc)})
         finally:
@@ -123,13 +125,16 @@ class ProcessPool:
                 self._release(proc, reuse)
         att.coord.post(("done", att.uid, error, None, data))
 
-    def _job(self, att: Any) -> bytes:
-        stage, run = att.stage, att.run
-        spec = stage.spec
-        func = spec.task_func if att.child_json is None else spec.child_task_func
+    def _blob(self, func: Any) -> bytes:
         blob = self._blobs.get(func)
         if blob is None:
             blob = self._blobs[func] = pickle.dumps(func, _PICKLE)
+        return blob
+
+    def _job(self, att: Any) -> bytes:
+        stage, run = att.stage, att.run
+        spec = stage.spec
+        blob = self._blob(spec.task_func if att.child_json is None else spec.child_task_func)
         job = (
             stage.name,
             att.child_json,
@@ -189,12 +194,6 @@ class ProcessPool:
                 if not self._idle:
                     self._count += 1
                     name = f"threadflow-process-{self._name}-{self._count}"
-                    if not self._atexit:
-                        # multiprocessing.util registered its exit hook when imported, so ours
-                        # runs first (LIFO): the server stops and its processes die before
-                        # multiprocessing tries to terminate and join them.
-                        atexit.register(self._at_exit)
-                        self._atexit = True
                     break
                 proc = self._idle.pop()
             if not proc.exited():
@@ -203,19 +202,60 @@ class ProcessPool:
             proc.close()
             with self._lock:
                 self._procs.discard(proc)
-        proc = _Process(self._mp, name)
+        started = self._start(name)
+        if started is None:
+            raise CancelledError("stop")
+        return started
+
+    def _start(self, name: str, idle: bool = False) -> _Process | None:
+        """Start a process (its boot goes on in the background); None if the pool closed."""
+        if self._preload is None:
+            # Imported while the process boots, not during its first attempt.
+            funcs = [
+                func
+                for spec in self._coord.definition.tasks.values()
+                if spec.isolation == "subprocess"
+                for func in (spec.task_func, spec.child_task_func)
+                if func is not None
+            ]
+            self._preload = tuple(self._blob(func) for func in funcs)
+        proc = _Process(self._mp, name, self._preload)
         with self._lock:
             if not self._closed:
+                if not self._atexit:
+                    # multiprocessing.util registered its exit hook when imported, so ours runs
+                    # first (LIFO): the server stops and its processes die before
+                    # multiprocessing tries to terminate and join them.
+                    atexit.register(self._at_exit)
+                    self._atexit = True
                 self._procs.add(proc)
+                if idle:
+                    self._idle.append(proc)
                 return proc
         proc.terminate("stop")
         proc.close()
-        raise CancelledError("stop")
+        return None
+
+    def _spare(self) -> None:
+        """Keep one process booting while none is idle (at most ``keep + 1`` in all).
+
+        An attempt that times out or dies is retried at once, before its process is killed,
+        and a killed process is never reused: the spare lets that retry start warm instead of
+        spending its timeout on booting an interpreter.
+        """
+        with self._lock:
+            if self._closed or self._idle or len(self._procs) > self.keep:
+                return
+            self._count += 1
+            name = f"threadflow-process-{self._name}-{self._count}"
+        self._start(name, idle=True)
 
     def _release(self, proc: _Process, reuse: bool) -> None:
         if reuse:
             with self._lock:
-                if not self._closed and len(self._idle) < self.keep:
+                # Up to keep + 1, the spare included: the process just used is warm and
+                # proven, and taken first (LIFO); never drop it in favour of a spare.
+                if not self._closed and len(self._idle) <= self.keep:
                     self._idle.append(proc)
                     return
         proc.terminate(None)
@@ -262,14 +302,14 @@ class _Process:
     :meth:`close`, so that no file descriptor is closed under a thread waiting on it.
     """
 
-    def __init__(self, mp: Any, name: str) -> None:
+    def __init__(self, mp: Any, name: str, preload: tuple[bytes, ...]) -> None:
         self.conn, child = mp.Pipe()
         # A socket object, not a raw fd: waking a closed process is then a harmless OSError,
         # never a write to a file descriptor number that was reused meanwhile.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.process = mp.Process(target=worker_main, args=(child,), name=name, daemon=True)
+        self.process = mp.Process(target=worker_main, args=(child, preload), name=name, daemon=True)
         try:
             self.process.start()
         except BaseException:
@@ -327,8 +367,13 @@ class _Process:
             return _GRACE_OVER
         return _WOKEN
 
-    def attempt(self, att: Any, job: bytes, grace: float) -> tuple[Any, str | None, bool]:
-        """Run one attempt; return ``(error, data, reusable)`` for the coordinator's outcome."""
+    def attempt(
+        self, att: Any, job: bytes, grace: float, on_sent: Callable[[], None]
+    ) -> tuple[Any, str | None, bool]:
+        """Run one attempt; return ``(error, data, reusable)`` for the coordinator's outcome.
+
+        ``on_sent`` is called once the job is on its way (the pool starts a spare meanwhile).
+        """
         token: CancelToken = att.token
         cancel_at: float | None = None
         sent = False
@@ -342,6 +387,7 @@ class _Process:
                 if not self.send(("run", job)):
                     return self._ended(att, None)
                 sent = True
+                on_sent()
             msg = self.next_message(cancel_at)
             if msg is _WOKEN:
                 continue
@@ -614,8 +660,13 @@ class _Fields:
         self.__dict__.update(fields)
 
 
-def worker_main(conn: Any) -> None:
-    """The body of a worker process: make a process group, then run jobs until the pipe closes."""
+def worker_main(conn: Any, preload: tuple[bytes, ...] = ()) -> None:
+    """The body of a worker process: make a process group, then run jobs until the pipe closes.
+
+    ``preload``: pickled task functions, loaded (their modules imported) before "ready", so
+    that an attempt does not spend its timeout importing them. A failure here is left for the
+    attempt to report.
+    """
     os.setpgid(0, 0)
     # Processes the task execs must not hold the pipe either.
     os.set_inheritable(conn.fileno(), False)
@@ -627,6 +678,11 @@ def worker_main(conn: Any) -> None:
     os.register_at_fork(after_in_child=conn.close)
     link = _Link(conn)
     link.thread.start()
+    for blob in preload:
+        try:
+            pickle.loads(blob)
+        except Exception:
+            pass
     link.send(("ready", os.getpid()))
     while True:
         item = link.jobs.get()
