@@ -5,6 +5,7 @@ pickles) rather than through Python objects shared with the test.
 """
 
 import ctypes
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def die_first(state):
         if state["how"] == "exit":
             os._exit(3)
         ctypes.string_at(0)  # SIGSEGV
+    return n
+
+
+def die_leaving_a_forked_process_first(state):
+    """The first attempt forks a process with multiprocessing, then dies; it must not hold the
+    worker's pipe open (the server would never learn of the death) nor outlive the worker."""
+    n = attempt(state, "die")
+    if n == 1:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(LONG,))
+        child.start()
+        write(state, "grandchild.pid", child.pid)
+        os._exit(3)
     return n
 
 

@@ -243,6 +243,24 @@ def test_a_process_that_dies_is_an_exit_with_its_code_then_a_retry(
     ]
 
 
+class DiesLeavingAProcess(Flow):
+    work = task(
+        task_func=tasks.die_leaving_a_forked_process_first, isolation="subprocess", next=ALL_OVER
+    )
+
+
+def test_a_death_is_seen_although_a_forked_process_lives_on_and_that_one_is_killed(
+    store_path, tmp_path
+):
+    with DiesLeavingAProcess.start_link(store=store_path, dir=str(tmp_path)) as server:
+        res = server.start_flow().result(timeout=HANG_GUARD)
+
+    assert res.outcome == "all_over", res.error
+    [exit_event] = event_data(store_path, res.run_id, "exit")
+    assert exit_event["process"]["exitcode"] == 3
+    assert wait_for(lambda: dead(read_pid(tmp_path, "grandchild.pid")))
+
+
 class Unpicklable(Flow):
     result = task(task_func=tasks.return_unpicklable, isolation="subprocess", next="error")
     error = task(

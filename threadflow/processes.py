@@ -446,6 +446,8 @@ class _Process:
 
     def exited(self) -> bool:
         """Whether the process has ended, without reaping it (so its pid stays reserved)."""
+        if not hasattr(os, "waitid"):  # macOS before Python 3.13: reaps, if it has ended
+            return self.process.exitcode is not None
         try:
             info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # reaped already, by multiprocessing's own clean-up
