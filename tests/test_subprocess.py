@@ -531,13 +531,15 @@ class Script(Flow):
     work = task(task_func=work, isolation="subprocess", next=ALL_OVER)
 
 if __name__ == "__main__":
-    hang = sys.argv[1] == "hang"
+    hang = sys.argv[1].startswith("hang")
     server = Script.start_link(store=sys.argv[2], dir=sys.argv[3], hang=hang)
     handle = server.start_flow()
     if hang:  # leave without stop(): the program's exit must not leave the worker behind
         while not Path(sys.argv[3], "worker.pid").exists():
             time.sleep(0.01)
-        print(json.dumps({"run_id": handle.run_id}))
+        print(json.dumps({"run_id": handle.run_id}), flush=True)
+        if sys.argv[1] == "hang-until-killed":
+            time.sleep(60)
     else:
         res = handle.result(timeout=30)
         print(json.dumps({"outcome": res.outcome, "run_id": res.run_id, "me": os.getpid()}))
@@ -545,11 +547,15 @@ if __name__ == "__main__":
 """
 
 
-def run_script(tmp_path, store_path, mode):
+def script_command(tmp_path, store_path, mode):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(SCRIPT))
+    return [sys.executable, str(script), mode, store_path, str(tmp_path)]
+
+
+def run_script(tmp_path, store_path, mode):
     out = subprocess.run(
-        [sys.executable, str(script), mode, store_path, str(tmp_path)],
+        script_command(tmp_path, store_path, mode),
         capture_output=True,
         text=True,
         timeout=HANG_GUARD,
@@ -578,3 +584,21 @@ def test_a_program_that_exits_without_stop_leaves_no_worker_behind(tmp_path, sto
     # too late to matter.
     [killed] = event_data(store_path, run.run_id, "exit")
     assert (killed["process"]["signal"], killed["process"]["killed"]) == ("SIGKILL", "stop")
+
+
+def test_workers_of_a_program_killed_with_sigkill_kill_themselves(tmp_path, store_path):
+    program = subprocess.Popen(
+        script_command(tmp_path, store_path, "hang-until-killed"),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        program.stdout.readline()  # the worker runs the task
+        worker = int(Path(tmp_path, "worker.pid").read_text())
+    finally:
+        program.kill()  # SIGKILL: no atexit, no stop(); nobody left to kill the worker
+        program.wait(timeout=HANG_GUARD)
+        program.stdout.close()
+
+    assert wait_for(lambda: dead(worker)), "the worker outlived its server"
