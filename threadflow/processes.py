@@ -248,7 +248,10 @@ class ProcessPool:
                 return
             self._count += 1
             name = f"threadflow-process-{self._name}-{self._count}"
-        self._start(name, idle=True)
+        try:
+            self._start(name, idle=True)
+        except Exception:  # e.g. out of file descriptors: the running attempt must not suffer
+            log.warning("threadflow: could not start a spare process", exc_info=True)
 
     def _release(self, proc: _Process, reuse: bool) -> None:
         if reuse:
