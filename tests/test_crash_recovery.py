@@ -129,7 +129,6 @@ def test_killed_run_replays_to_the_end_without_redoing_finished_work(
         # yet committed (audit() checks that): those running, those handed over from worker to
         # worker, and those whose outcome was in the coordinator's last, uncommitted turn.
         assert ("split", CRASH_MARK) in by_journal
-        assert set(by_log) <= set(by_journal)
     else:
         assert by_log == by_journal == []
     parents_rerun = {t for t, c in set(before_kill) & set(after_kill) if c is None}

@@ -17,6 +17,7 @@ EXPECTED_ALL = sorted(
         "Flow",
         "FlowDefinitionError",
         "FlowRunning",
+        "ProcessDiedError",
         "ReplayError",
         "RunHandle",
         "RunResult",
@@ -73,7 +74,14 @@ def test_all_over_constant_is_the_seed_word():
 
 
 @pytest.mark.parametrize(
-    "name", ["FlowDefinitionError", "AlreadyStarted", "FlowRunning", "DuplicateChildError"]
+    "name",
+    [
+        "FlowDefinitionError",
+        "AlreadyStarted",
+        "FlowRunning",
+        "DuplicateChildError",
+        "ProcessDiedError",
+    ],
 )
 def test_library_errors_share_the_threadflow_base(name):
     assert issubclass(getattr(threadflow, name), threadflow.ThreadflowError)

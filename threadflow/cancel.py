@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import CancelledError
@@ -20,7 +21,7 @@ _event_lock = threading.Lock()
 class CancelToken:
     """The cancel state of one attempt. Cancelling is idempotent; the first reason wins."""
 
-    __slots__ = ("_cancelled", "_event", "reason")
+    __slots__ = ("_callbacks", "_cancelled", "_event", "reason")
 
     def __init__(self) -> None:
         # Most attempts never wait on their token: the Event is made only when one does.
@@ -29,6 +30,7 @@ class CancelToken:
         self._cancelled = False
         self._event: threading.Event | None = None
         self.reason: str | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -43,6 +45,8 @@ class CancelToken:
         event = self._event
         if event is not None:
             event.set()
+        for callback in self._callbacks or ():
+            callback()
 
     def _waitable(self) -> threading.Event:
         event = self._event
@@ -54,6 +58,21 @@ class CancelToken:
         if self._cancelled:
             event.set()
         return event
+
+    def _on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the token is cancelled (at once if it already is).
+
+        Engine internal: it wakes the thread that drives a subprocess attempt. The callback runs
+        in the cancelling thread (usually the coordinator), so it must be quick and must not
+        raise; it may run twice when registering races with cancelling.
+        """
+        # Append, then look: whichever order this and cancel() interleave in, the callback
+        # runs at least once after the token is cancelled.
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+        if self._cancelled:
+            callback()
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`~threadflow.CancelledError` if the attempt has been cancelled."""

@@ -28,6 +28,7 @@ from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
 from .isolation import ExecutorPool, ThreadPool, error_data, run_attempt
+from .processes import ProcessPool
 from .result import RunHandle, RunResult
 from .store import HEARTBEAT, EventStore, Writer, decode_id
 
@@ -207,6 +208,7 @@ class Coordinator:
         self.post = self.inbox.put
         name = str(server.name)
         self.pool: Any = ExecutorPool(executor) if executor is not None else ThreadPool(name)
+        self.procs = ProcessPool(self)  # subprocess attempts; starts processes only when needed
         self.thread = threading.Thread(
             target=self._main, name=f"threadflow-coordinator-{name}", daemon=True
         )
@@ -318,6 +320,7 @@ class Coordinator:
             self._crash(exc)
         finally:
             self.pool.shutdown()
+            self.procs.shutdown()
             try:
                 if self._global is not None:
                     self.writer.release_server(self._global, os.getpid())
@@ -654,7 +657,7 @@ class Coordinator:
         if nxt is not None:
             self._handed_over(nxt, started)
         if att is None:
-            self._late(uid, error)
+            self._late(uid, error, data)
             return
         self._detach(att)
         stage, run = att.stage, att.run
@@ -721,16 +724,19 @@ class Coordinator:
                 except IndexError:  # a worker took the last one meanwhile
                     break
 
-    def _late(self, uid: int, error: BaseException | None) -> None:
+    def _late(self, uid: int, error: BaseException | None, data: str | None = None) -> None:
         """An outcome of an attempt that is no longer current: logged, never acted on."""
         att = self.cancelled.pop(uid, None)
         if att is None:  # pragma: no cover - every submitted attempt is current or cancelled
             return
         if att.abandoned:
             self._abandoned = tuple(a for a in self._abandoned if a is not att)
-        outcome = {"outcome": "over" if error is None else "exit"}
+        outcome: dict[str, Any] = {"outcome": "over" if error is None else "exit"}
         if error is not None:
-            outcome["error"] = _brief(error)  # type: ignore[assignment]
+            outcome["error"] = _brief(error)
+        process = json.loads(data).get("process") if data else None
+        if process is not None:  # a subprocess attempt: how its process ended (the kill)
+            outcome["process"] = process
         self._event(
             att.run.run_id,
             "stale",
@@ -981,8 +987,11 @@ class Coordinator:
         run = self.run
         if run is None or self._stop_at is not None:
             return
-        # Hand-over is only for children nobody needs to hear about before they start.
-        handover = not signals.task_start.has_receivers_for(self.server)
+        # Hand-over is only for children nobody needs to hear about before they start, run by
+        # the server's own threads (a user's executor gets one submission per attempt).
+        handover = isinstance(self.pool, ThreadPool) and not signals.task_start.has_receivers_for(
+            self.server
+        )
         for stage in list(run.stages.values()):
             if stage.over or not stage.parent_done:
                 continue
@@ -1009,7 +1018,7 @@ class Coordinator:
                 free -= 1
             if run.over:
                 break
-            if handover and stage.running:
+            if handover and stage.running and stage.spec.isolation == "thread":
                 depth = min(4 * stage.cap, WINDOW)  # enough for the workers until the next turn
                 while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import datetime
+import signal
 from typing import Any
 
 
-class ThreadflowError(Exception):
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    # Unpickling must not call __init__: its signature differs from ``args`` (the message).
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(attrs)
+    return exc
+
+
+class _Picklable:
+    """Pickles an exception by its message and attributes, whatever its ``__init__`` takes.
+
+    A subprocess attempt sends its exception back to the server pickled; the default pickling
+    of an exception calls ``__init__(*args)`` again, which fails for our keyword-rich errors.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc: Any = self
+        return (_rebuild, (type(self), exc.args, dict(exc.__dict__)))
+
+
+class ThreadflowError(_Picklable, Exception):
     """Base class of threadflow's errors."""
 
 
@@ -104,7 +125,62 @@ class StoreError(ThreadflowError):
         self.hint = hint
 
 
-class CancelledError(BaseException):
+class ProcessDiedError(ThreadflowError):
+    """The process of a subprocess attempt ended before the attempt did.
+
+    It exited (``os._exit``, a crash), was killed by a signal, or was killed by threadflow
+    after the attempt was cancelled (timeout, a failed run, ``stop()``) and did not return
+    within the server's ``kill_grace``. The ``exit`` event's data holds the same facts under
+    ``"process"``.
+
+    :ivar task: the task, ``("fetch",)`` or ``("fetch", child_id)``.
+    :ivar attempt: the attempt number.
+    :ivar pid: the process id.
+    :ivar exitcode: the exit status; ``-N`` when a signal ``N`` ended it (as in
+        :attr:`subprocess.Popen.returncode`); None if it could not be reaped.
+    :ivar signal: the name of that signal (``"SIGKILL"``, ``"SIGSEGV"``…), or None.
+    :ivar killed: why threadflow killed it (``"timeout"``, ``"run_over"``, ``"stop"``), or None
+        when it died by itself.
+    """
+
+    def __init__(
+        self,
+        task: tuple[Any, ...],
+        attempt: int,
+        pid: int,
+        exitcode: int | None,
+        killed: str | None = None,
+    ) -> None:
+        sig = _signal_name(exitcode)
+        if killed is not None:
+            how = f"was killed with {sig or 'SIGKILL'} by threadflow after the attempt was " + (
+                f"cancelled ({killed}) and did not return in time"
+            )
+        elif sig is not None:
+            how = f"was killed by signal {sig}"
+        elif exitcode is None:
+            how = "died, and could not be reaped"
+        else:
+            how = f"exited with code {exitcode}"
+        super().__init__(f"task {task!r} attempt {attempt}: its process {pid} {how}")
+        self.task = task
+        self.attempt = attempt
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = sig
+        self.killed = killed
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class CancelledError(_Picklable, BaseException):
     """The current attempt was cancelled (timeout, a failed run, or ``stop()``).
 
     It derives from :class:`BaseException`, like :class:`asyncio.CancelledError`, so that

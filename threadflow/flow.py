@@ -13,6 +13,7 @@ import functools
 import graphlib
 import inspect
 import os
+import pickle
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -180,18 +181,48 @@ def _takes(func: Any, n: int) -> bool:
     return True
 
 
-def _importable(func: Any) -> bool:
-    """Whether ``func`` can be found again by module and qualified name."""
-    while isinstance(func, functools.partial):
-        func = func.func
-    module = sys.modules.get(getattr(func, "__module__", None) or "")
-    qualname = getattr(func, "__qualname__", "")
-    if module is None or not qualname or "<" in qualname:
-        return False
+def _main_reimportable() -> bool:
+    """Whether a fresh interpreter can import this program's ``__main__`` again.
+
+    It can for a script (``python app.py``) and a module (``python -m pkg.mod``): the worker
+    process runs it again under the name ``__mp_main__``, as :mod:`multiprocessing` does, so
+    its top-level code must be guarded by ``if __name__ == "__main__":``. It cannot for an
+    interactive session, ``python -c``, a notebook, or a package's ``__main__.py``.
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name != "__main__" and not name.endswith(".__main__")
+    return getattr(main, "__file__", None) is not None
+
+
+def _not_importable(func: Any) -> str | None:
+    """Why a fresh interpreter cannot find ``func`` again by module and qualified name, or None."""
+    inner = func
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    module_name = getattr(inner, "__module__", None) or ""
+    module = sys.modules.get(module_name)
+    qualname = getattr(inner, "__qualname__", "")
+    if module is None or not qualname:
+        return "it has no module and name to be imported by"
+    if "<" in qualname:
+        return "lambdas and nested functions cannot be imported by name"
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
-    return obj is func
+    if obj is not inner:
+        return f"{module_name}.{qualname} is not this function (a method or a replaced name?)"
+    if module_name == "__main__" and not _main_reimportable():
+        return (
+            "it is defined in __main__ of an interactive session (or python -c, a notebook, a "
+            "package's __main__.py), which a fresh interpreter cannot import"
+        )
+    try:
+        pickle.dumps(func)
+    except Exception as exc:
+        return f"it cannot be pickled ({exc})"
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -263,19 +294,22 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
             f"'subprocess'{_suggest(spec.isolation, _ISOLATIONS)}"
         )
     if spec.isolation == "subprocess":
+        if not hasattr(os, "killpg"):
+            raise fail(
+                "has isolation='subprocess', which needs process groups (Linux, macOS, other "
+                "POSIX systems); use isolation='thread' here"
+            )
         for label in ("task_func", "child_task_func"):
             func = getattr(spec, label)
-            if func is not None and not _importable(func):
-                fname = getattr(func, "__qualname__", repr(func))
+            why = None if func is None else _not_importable(func)
+            if why is not None:
+                fname = getattr(func, "__qualname__", None) or repr(func)
                 raise fail(
-                    f"has {label}={fname}, which a fresh interpreter cannot import by name "
-                    "(lambdas, nested functions and methods cannot be); isolation='subprocess' "
-                    "needs a function defined at the top level of a module, so move it there"
+                    f"has {label}={fname}, which a fresh interpreter cannot import by name: "
+                    f"{why}. isolation='subprocess' runs it in another process, which needs a "
+                    "function defined at the top level of a module; move it to a module and "
+                    "import it from there"
                 )
-        raise NotImplementedError(
-            f"flow {flow!r}: task {name!r}: isolation='subprocess' is not available in this "
-            "version yet; use isolation='thread'"
-        )
     nxt = spec.next
     if nxt is _MISSING or nxt is None:
         raise fail("has no next; add next='<task>', next=['a', 'b'] or next=ALL_OVER")
@@ -413,9 +447,11 @@ class Flow:
     Default: the class's qualified name. Class attributes: ``default_entrance`` (optional when
     the flow has exactly one first task), ``abandon_grace`` (seconds a cancelled thread gets
     before it is recorded as abandoned), ``stop_grace`` (seconds ``stop()`` waits for running
-    attempts by default), ``fsync`` (True: ``synchronous=FULL``, every commit survives a power
-    loss), ``commit_every`` (seconds the log may group the commits of finished children; 0
-    commits every coordinator turn; see docs/replay.md for what a crash can then re-run).
+    attempts by default), ``kill_grace`` (seconds a cancelled subprocess attempt gets to return
+    before its process group is killed; at most half of ``abandon_grace``), ``fsync`` (True:
+    ``synchronous=FULL``, every commit survives a power loss), ``commit_every`` (seconds the log
+    may group the commits of finished children; 0 commits every coordinator turn; see
+    docs/replay.md for what a crash can then re-run).
 
     Callbacks (``handle_*``) run on the coordinator thread, one at a time, after their event is
     committed; they may change ``state`` in place and should not block.
@@ -425,6 +461,7 @@ class Flow:
     default_entrance: ClassVar[str | None] = None
     abandon_grace: ClassVar[float] = 1.0
     stop_grace: ClassVar[float] = 5.0
+    kill_grace: ClassVar[float] = 0.2
     fsync: ClassVar[bool] = False
     commit_every: ClassVar[float] = 0.02
     _server_name: ClassVar[Any] = None

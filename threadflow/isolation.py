@@ -1,5 +1,8 @@
 """Where attempts run: the server's worker threads, and the code that runs one attempt.
 
+Subprocess attempts are driven from the same threads; their processes live in
+:mod:`threadflow.processes`.
+
 Workers run user code and report an *outcome value* to the coordinator's inbox; they never
 raise into the engine and never touch run state (one owner: the coordinator).
 """
@@ -48,7 +51,15 @@ def run_attempt(att: Any) -> None:
     the finished attempt's slot (``next``, started at ``started``), so that a stream of children
     does not wait for a coordinator turn between two of them. The attempt is this thread's
     context while it runs, so that ``current_token()`` and ``add_children_tasks()`` find it.
+    A subprocess attempt is handed to a worker process (:mod:`threadflow.processes`); this
+    thread drives it and posts its outcome the same way (it hands nothing over).
     """
+    if att.stage.spec.isolation == "subprocess":
+        try:
+            att.coord.procs.run(att)
+        finally:
+            att.returned = True
+        return
     post = att.coord.post
     while att is not None:
         _local.ctx = att

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-import sqlite_utils
-
 from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
 
@@ -179,6 +177,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the tables and indexes if missing (idempotent, safe against a concurrent creator)."""
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
+    # Imported here: it is most of the cost of importing threadflow, which every subprocess
+    # worker pays at start, and only creating a store needs it.
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     db.table("events").create(
         {
