@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -25,6 +27,8 @@ from typing import Any
 
 from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
+
+log = logging.getLogger("threadflow")
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -70,6 +74,9 @@ class Event:
     ref: int | None
     data: dict[str, Any] | None
 
+
+#: Seconds between two WAL checkpoints of a server's store.
+CHECKPOINT_EVERY = 0.2
 
 #: Seconds between an owner's heartbeats, and after which a silent owner is taken for dead.
 HEARTBEAT = 5.0
@@ -276,6 +283,10 @@ class Writer:
         self._in_tx = False
         #: When the open transaction began (real monotonic seconds).
         self.opened = 0.0
+        # Checkpoints (copying the WAL back into the database, with an fsync) are the
+        # Checkpointer thread's work, so that a commit never stalls the coordinator on one.
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.checkpointer = Checkpointer(path)
 
     @property
     def in_transaction(self) -> bool:
@@ -291,6 +302,7 @@ class Writer:
         if self._in_tx:
             self._in_tx = False
             self.conn.execute("COMMIT")
+            self.checkpointer.poke()
 
     def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert event rows (see :data:`EVENT_COLUMNS`), in order.
@@ -497,7 +509,48 @@ class Writer:
                 self.conn.execute("ROLLBACK")
         finally:
             self._in_tx = False
+            self.checkpointer.stop()
             self.conn.close()
+
+
+class Checkpointer:
+    """A thread that checkpoints the WAL every :data:`CHECKPOINT_EVERY` seconds.
+
+    ``PASSIVE`` checkpoints never block the writer or readers; if one cannot finish (a reader
+    holds an old snapshot), the next one goes on. Started lazily by the first :meth:`poke`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """Make sure the thread runs (called by the writer after a commit)."""
+        if self._thread is None:
+            name = f"threadflow-checkpoint-{os.path.basename(self.path)}"
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        except sqlite3.Error:  # pragma: no cover - the writer opened the same file
+            log.exception("threadflow: the checkpoint thread cannot open %r", self.path)
+            return
+        try:
+            while not self._stop.wait(CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # busy or locked: the next round will do it
+                    pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 _EVENT_SELECT = "seq, run_id, ts, kind, task, child_id, attempt, ref, data"
