@@ -81,10 +81,17 @@ def add_and_count(state):
 
 
 def lazy_children(state, progress):
+    pause = threading.Event()
     for i in range(5000):
-        if progress["first_durable_at"] is None and i % 100 == 0:
-            if count_events(state["db"], state["run_id"], "child_added") > 0:
-                progress["first_durable_at"] = i
+        if i == 3000:
+            # Chunks already given must reach the store while this generator is still going:
+            # it is consumed chunk by chunk, not drained first. (Commits are grouped, so wait
+            # a little for one; a guard of 10 s keeps a broken engine from hanging the test.)
+            for _ in range(1000):
+                if count_events(state["db"], state["run_id"], "child_added") > 0:
+                    progress["first_durable_at"] = i
+                    break
+                pause.wait(0.01)
         progress["consumed"] = i + 1
         yield (i, None)
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .cancel import current_context
 from .errors import CancelledError
 
-#: Children are sent to the coordinator, and made durable, this many at a time.
+#: Children are sent to the coordinator this many at a time.
 CHUNK = 1000
+#: Chunks a worker may send ahead before waiting for the coordinator to take them.
+IN_FLIGHT = 4
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -45,9 +48,14 @@ def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
         raise TypeError(
             f"task {task!r}: each child must be a (child_id, payload) pair, got {item!r}"
         ) from None
-    cid = encode_id(task, child_id)
+    # Plain ints are most ids: their JSON is their decimal text (bool is not an int here).
+    cid = str(child_id) if type(child_id) is int else encode_id(task, child_id)
     try:
-        payload_json = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        payload_json = (
+            "null"
+            if payload is None
+            else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        )
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"task {task!r}: child {child_id!r} has a payload that is not JSON-serialisable "
@@ -80,8 +88,9 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
     """Add children ``(child_id, payload)`` to the running task; they are durable on return.
 
     ``children`` may be any iterable, a generator included: it is consumed in chunks of
-    :data:`CHUNK`, each committed to the store before the next is read. The children start once
-    the calling attempt succeeds, and are discarded if it fails.
+    :data:`CHUNK`, at most :data:`IN_FLIGHT` of them sent ahead to the coordinator; the call
+    returns once the last chunk is committed. The children start once the calling attempt
+    succeeds, and are discarded if it fails.
 
     :raises RuntimeError: outside a task, or in a task without ``child_task_func``.
     :raises TypeError: naming the child, for an id or payload that is not JSON.
@@ -93,15 +102,23 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
     ctx.token.raise_if_cancelled()
     ids: list[str] = []
     datas: list[str] = []
+    sent: deque[Reply] = deque()  # chunks not yet answered, oldest first
     for item in children:
         cid, data = _encode_child(task, item, by)
         ids.append(cid)
         datas.append(data)
         if len(ids) >= CHUNK:
-            _send(ctx, ids, datas)
+            # Not the last chunk: no need to wait for it to be on disk, only for room.
+            sent.append(_post(ctx, ids, datas, final=False))
+            if len(sent) >= IN_FLIGHT:
+                _wait(ctx, sent.popleft())
             ids, datas = [], []
-    if ids:
-        _send(ctx, ids, datas)
+    # The last chunk (maybe empty) is answered only once committed, and after every earlier
+    # one: when it returns, all of them are in the store.
+    last = _post(ctx, ids, datas, final=True)
+    while sent:
+        _wait(ctx, sent.popleft())
+    _wait(ctx, last)
 
 
 def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> None:
@@ -126,17 +143,26 @@ class Reply:
         self.event.set()
 
 
-def _send(ctx: Any, ids: list[str], datas: list[str]) -> None:
+def _post(ctx: Any, ids: list[str], datas: list[str], final: bool) -> Reply:
     reply = Reply()
-    coord = ctx.coord
-    coord.post(("add", ctx.uid, ids, datas, reply))
+    ctx.coord.post(("add", ctx.uid, ids, datas, reply, final))
+    return reply
+
+
+def _wait(ctx: Any, reply: Reply) -> None:
     # The coordinator answers every "add" it takes, also when it stops; if it died instead,
     # stop waiting rather than hang the worker forever.
+    coord = ctx.coord
     while not reply.event.wait(0.5):
         if not coord.alive():
             raise CancelledError("stop")
     if reply.error is not None:
         raise reply.error
+
+
+def _send(ctx: Any, ids: list[str], datas: list[str]) -> None:
+    """Send one chunk and wait until it is committed."""
+    _wait(ctx, _post(ctx, ids, datas, final=True))
 
 
 def results(state: Mapping[str, Any], task: str) -> Iterator[tuple[Any, Any]]:

@@ -748,10 +748,20 @@ class Coordinator:
         )
         log.debug("threadflow: ignored the late outcome of %r attempt %d", att.task(), att.number)
 
-    def _on_add(self, uid: int, ids: list[str], datas: list[str], reply: Any) -> None:
+    def _on_add(
+        self, uid: int, ids: list[str], datas: list[str], reply: Any, final: bool = True
+    ) -> None:
+        """Insert a chunk of children of a current attempt, held until it succeeds.
+
+        A ``final`` chunk is answered after the commit (the caller returns: its children must
+        be on disk); an earlier one as soon as it is inserted (only errors matter to it).
+        """
         att = self.attempts.get(uid)
         if att is None or self._stop_at is not None:
             reply.set(CancelledError((att.token.reason if att else None) or "cancelled"))
+            return
+        if not ids:  # an empty last chunk: answer once what came before is committed
+            self._replies.append(reply)
             return
         run, stage = att.run, att.stage
         if self._rows:  # keep seq order: earlier events of this turn go first
@@ -768,7 +778,10 @@ class Coordinator:
             reply.set(exc)
             return
         att.held.append([first, first + len(rows) - 1])
-        self._replies.append(reply)
+        if final:
+            self._replies.append(reply)
+        else:
+            reply.set()
 
     def _discard(self, att: _Attempt) -> None:
         """Drop the children of a failed attempt; a retry may add the same ids again."""

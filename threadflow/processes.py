@@ -29,6 +29,7 @@ The worker's end of the pipe doubles as its life line: EOF means the other side 
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import json
 import logging
@@ -596,7 +597,8 @@ class _Link:
         self.conn = conn
         self.jobs: queue.SimpleQueue[tuple[CancelToken, bytes] | None] = queue.SimpleQueue()
         self.token: CancelToken | None = None  # the token of the latest job
-        self.reply: Any = None  # the pending "add", answered by "added"
+        # The "add"s sent and not yet answered: "added" answers them in order.
+        self.replies: collections.deque[Any] = collections.deque()
         self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._listen, name="threadflow-link", daemon=True)
 
@@ -605,9 +607,9 @@ class _Link:
             self.conn.send(msg)
 
     def post(self, msg: tuple[Any, ...]) -> None:
-        # children._send posts ("add", uid, ids, datas, reply) and waits on reply.
-        _, _, ids, datas, reply = msg
-        self.reply = reply
+        # children.py posts ("add", uid, ids, datas, reply, final) and waits on reply later.
+        _, _, ids, datas, reply, _final = msg
+        self.replies.append(reply)
         self.send(("add", ids, datas))
 
     def alive(self) -> bool:
@@ -632,9 +634,8 @@ class _Link:
                 if self.token is not None:
                     self.token.cancel(msg[1])
             elif tag == "added":
-                reply, self.reply = self.reply, None
-                if reply is not None:
-                    reply.set(msg[1])
+                if self.replies:
+                    self.replies.popleft().set(msg[1])
 
 
 class _RemoteAttempt:

@@ -39,6 +39,13 @@ _ROWS_PER_INSERT = 128
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_keys(n: int) -> str:
+    return "INSERT INTO children (seq, run_id, task, child_id) VALUES " + ",".join(
+        ["(?,?,?,?)"] * n
+    )
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_many(n: int) -> str:
     return (
         "INSERT INTO events (run_id, ts, kind, task, child_id, attempt, ref, data) VALUES "
@@ -339,10 +346,13 @@ class Writer:
         self.conn.execute("SAVEPOINT add_children")
         try:
             first = self._append_numbered(rows)
-            self.conn.executemany(
-                "INSERT INTO children (seq, run_id, task, child_id) VALUES (?, ?, ?, ?)",
-                [(first + i, run_id, task, cid) for i, cid in enumerate(ids)],
-            )
+            step = _ROWS_PER_INSERT
+            for start in range(0, len(ids), step):
+                group = ids[start : start + step]
+                params: list[Any] = []
+                for i, cid in enumerate(group, first + start):
+                    params += (i, run_id, task, cid)
+                self.conn.execute(_insert_keys(len(group)), params)
         except sqlite3.IntegrityError:
             self.conn.execute("ROLLBACK TO add_children")
             self.conn.execute("RELEASE add_children")
