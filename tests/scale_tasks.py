@@ -85,3 +85,15 @@ def value_error(child, state):
 def started_then_hang(child, state):
     write(state, f"started-{child[0]}", os.getpid())
     threadflow.sleep(LONG)
+
+
+def square_unless_told(child, state):
+    """Fails child 2 while ``state["fail"]`` is set (a replay can clear it)."""
+    child_id, payload = child
+    if state["fail"] and child_id == 2:
+        raise ValueError("told to fail")
+    return payload["n"] ** 2
+
+
+def state_keys(child, state):
+    return sorted(state)

@@ -343,6 +343,49 @@ def test_a_lambda_child_in_a_process_pool_is_a_clear_exit_error(process_pool, st
     assert exit_.data["error"]["type"] == "threadflow.errors.ThreadflowError"
 
 
+class Replayed(Flow):
+    fan = task(
+        task_func=tasks.add_numbers,
+        child_task_func=tasks.square_unless_told,
+        child_executor="procs",
+        task_retry_limit=1,
+        next=ALL_OVER,
+    )
+
+
+def test_a_run_with_remote_children_replays_only_what_did_not_finish(process_pool, store_path):
+    executors = {"procs": process_pool}
+    first = Replayed.run(store=store_path, executors=executors, n=4, fail=True)
+    assert first.outcome == "failed_over"
+
+    again = Replayed.replay(first.run_id, store=store_path, executors=executors, n=4, fail=False)
+
+    assert again.outcome == "all_over", again.error
+    assert dict(results(again.state, "fan")) == {0: 0, 1: 1, 2: 4, 3: 9}
+
+
+class Keys(Flow):
+    fan = task(
+        task_func=tasks.add_numbers,
+        child_task_func=tasks.state_keys,
+        child_executor="procs",
+        next=ALL_OVER,
+    )
+
+
+def test_state_entries_that_do_not_pickle_are_left_out_with_a_warning(process_pool, store_path):
+    import threading
+
+    with pytest.warns(RuntimeWarning, match=r"task 'fan' runs in executor 'procs'.*'lock' \(lock"):
+        res = Keys.run(
+            store=store_path, executors={"procs": process_pool}, n=1, lock=threading.Lock()
+        )
+
+    assert res.outcome == "all_over", res.error
+    [(_, keys)] = list(results(res.state, "fan"))
+    assert keys == ["n", "replayed", "run_id", "start_time", "store", "task_flow"]
+
+
 # --- in-process executors -----------------------------------------------------------------------
 
 
