@@ -207,8 +207,16 @@ class RemotePool:
             self._post_error(att, self._error(att, exc))
             att.returned = True
             return
-        att.token._on_cancel(lambda: self._threads.submit(_cancel, future))
-        future.add_done_callback(lambda done: self._done(att, done))
+        # The token's callback reaches the future through a list that _done empties: no
+        # reference cycle keeps a finished future (and Dask's copy of its result) alive.
+        pending = [future]
+        att.token._on_cancel(lambda: self._cancel_later(pending))
+        future.add_done_callback(lambda done: self._done(att, done, pending))
+
+    def _cancel_later(self, pending: list[Any]) -> None:
+        """A token callback (the cancelling thread: quick, never raises)."""
+        for future in pending[:1]:
+            self._threads.submit(_cancel, future)
 
     def _ref(self, func: Any) -> Any:
         try:
@@ -231,8 +239,9 @@ class RemotePool:
             pass
         return ref
 
-    def _done(self, att: Any, future: Any) -> None:
+    def _done(self, att: Any, future: Any, pending: list[Any]) -> None:
         """The future is done: post the outcome. Runs in the executor's thread; never raises."""
+        pending.clear()
         att.returned = True
         post = att.coord.post
         try:
