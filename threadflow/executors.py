@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import difflib
+import functools
 import json
 import logging
 import pickle
@@ -224,7 +225,9 @@ class RemotePool:
         except (KeyError, TypeError):  # TypeError: an unhashable callable, never cached
             pass
         ref = func
-        inner = getattr(func, "func", func)  # a functools.partial: where is its function from?
+        inner = func
+        while isinstance(inner, functools.partial):  # where is its function from?
+            inner = inner.func
         if getattr(inner, "__module__", "__main__") != "__main__":
             # By import name: quick to send, and an error that says what to fix if the worker
             # cannot import it. __main__ is left to the executor: a remote worker's __main__ is

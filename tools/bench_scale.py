@@ -132,14 +132,17 @@ def main() -> None:
     }
     cpus = os.cpu_count()
     print(f"{n} children sleeping {s * 1000:g} ms, best of {args.rounds} round(s), {cpus} CPUs")
+    width = max(len(label) for label in labels.values())
     for name in ("threads", "dask", "raw"):
         if name in best:
             t = best[name]
-            print(f"  {labels[name]:<62} {n / t:8,.0f} /s  ({t:.2f} s)")
+            print(f"  {labels[name]:<{width}} {n / t:8,.0f} /s  ({t:.2f} s)")
     if "threads" in best and "dask" in best:
-        print(f"  ratio dask / threads (threadflow):{best['threads'] / best['dask']:>34.2f}")
+        label = "ratio: threadflow on Dask / threadflow on its threads"
+        print(f"  {label:<{width}} {best['threads'] / best['dask']:8.2f}")
     if "raw" in best and "dask" in best:
-        print(f"  ratio threadflow on dask / raw client.map:{best['raw'] / best['dask']:>26.2f}")
+        label = "ratio: threadflow on Dask / raw client.map"
+        print(f"  {label:<{width}} {best['raw'] / best['dask']:8.2f}")
 
 
 if __name__ == "__main__":
