@@ -27,7 +27,8 @@ from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
-from .isolation import ExecutorPool, ThreadPool, error_data, run_attempt
+from .executors import make_pools
+from .isolation import ThreadPool, error_data, run_attempt
 from .processes import ProcessPool
 from .result import RunHandle, RunResult
 from .store import HEARTBEAT, EventStore, Writer, decode_id
@@ -95,12 +96,16 @@ class _Stage:
         "over",
         "replayed",
         "standby",
+        "parent_pool",
+        "pool",
+        "handover",
     )
 
-    def __init__(self, name: str, spec: Any, run: _Run) -> None:
+    def __init__(self, name: str, spec: Any, run: _Run, pools: tuple[Any, Any]) -> None:
         self.name = name
         self.spec = spec
         self.run = run
+        self.parent_pool, self.pool = pools  # where the parent's and the children's attempts run
         self.cap: int = spec.max_concurrency or os.cpu_count() or 1
         self.parent: _Attempt | None = None
         self.parent_done = False
@@ -116,8 +121,11 @@ class _Stage:
         # Children made ready to start, not started: a worker that finishes a child of this
         # stage takes the next one from here at once, handing its slot over without waiting
         # for a coordinator turn (the outcome message tells the coordinator). Filled only
-        # while nobody listens to task_start, which must fire before an attempt starts.
+        # while nobody listens to task_start, which must fire before an attempt starts, and
+        # only for children run by the server's own threads (an executor gets one submission
+        # per attempt).
         self.standby: deque[_Attempt] = deque()
+        self.handover = isinstance(self.pool, ThreadPool) and spec.isolation == "thread"
 
 
 class _Attempt:
@@ -192,7 +200,7 @@ class Coordinator:
         definition: Any,
         path: str,
         return_to: Any,
-        executor: Any,
+        placed: dict[str, Any],
         extra_state: dict[str, Any],
     ) -> None:
         self.server = server
@@ -207,7 +215,9 @@ class Coordinator:
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.post = self.inbox.put
         name = str(server.name)
-        self.pool: Any = ExecutorPool(executor) if executor is not None else ThreadPool(name)
+        self.threads = ThreadPool(name)  # starts no thread until it is given work
+        # Task name -> (parent pool, child pool): where its attempts run (placed by start_link).
+        self._pools = make_pools(placed, self.threads)
         self.procs = ProcessPool(self)  # subprocess attempts; starts processes only when needed
         self.thread = threading.Thread(
             target=self._main, name=f"threadflow-coordinator-{name}", daemon=True
@@ -319,7 +329,7 @@ class Coordinator:
             log.critical("threadflow: coordinator of %r failed", self.server.name, exc_info=True)
             self._crash(exc)
         finally:
-            self.pool.shutdown()
+            self.threads.shutdown()  # the user's executors are the user's to shut down
             self.procs.shutdown()
             try:
                 if self._global is not None:
@@ -439,6 +449,8 @@ class Coordinator:
             self._on_done(*msg[1:])
         elif tag == "add":
             self._on_add(*msg[1:])
+        elif tag == "carried":
+            self._on_carried(*msg[1:])
         elif tag == "start":
             self._on_start(*msg[1:])
         elif tag == "replay":
@@ -600,7 +612,7 @@ class Coordinator:
             past = tasks.get(name)
             if past is not None and past.parent_over:
                 # Its parent succeeded: run the children that have not finished.
-                stage = _Stage(name, d.tasks[name], run)
+                stage = _Stage(name, d.tasks[name], run, self._pools[name])
                 stage.parent_done = True
                 stage.replayed = True
                 stage.ranges.extend([lo, hi] for lo, hi in past.released)
@@ -613,7 +625,7 @@ class Coordinator:
             self._end_run(run, "all_over", None, None)
 
     def _start_stage(self, run: _Run, name: str) -> None:
-        stage = _Stage(name, self.definition.tasks[name], run)
+        stage = _Stage(name, self.definition.tasks[name], run, self._pools[name])
         run.stages[name] = stage
         run.open += 1
         self._start_attempt(stage, None, None, None, 1)
@@ -763,6 +775,39 @@ class Coordinator:
         if not ids:  # an empty last chunk: answer once what came before is committed
             self._replies.append(reply)
             return
+        try:
+            self._insert_children(att, ids, datas)
+        except DuplicateChildError as exc:
+            reply.set(exc)
+            return
+        if final:
+            self._replies.append(reply)
+        else:
+            reply.set()
+
+    def _on_carried(self, uid: int, data: str | None, ids: list[str], datas: list[str]) -> None:
+        """A remote attempt succeeded and brought back the children it added.
+
+        They are added now, right before its success is recorded, so that they are held and
+        released exactly like children added live. An id already added fails the attempt. A
+        late outcome's children are dropped with it (never added).
+        """
+        att = self.attempts.get(uid)
+        if att is not None:
+            try:
+                self._insert_children(att, ids, datas)
+            except DuplicateChildError as exc:
+                self._on_done(uid, exc, None, json.dumps({"error": error_data(exc)}))
+                return
+        self._on_done(uid, None, None, data)
+
+    def _insert_children(self, att: _Attempt, ids: list[str], datas: list[str]) -> None:
+        """Write ``child_added`` events held by ``att``.
+
+        :raises DuplicateChildError: (nothing is written) for an id already added.
+        """
+        if not ids:
+            return
         run, stage = att.run, att.stage
         if self._rows:  # keep seq order: earlier events of this turn go first
             self.writer.append(self._rows)
@@ -772,16 +817,8 @@ class Coordinator:
             (run.run_id, ts, "child_added", stage.name, cid, att.number, None, data)
             for cid, data in zip(ids, datas, strict=True)
         ]
-        try:
-            first = self.writer.add_children(run.run_id, stage.name, rows, ids)
-        except DuplicateChildError as exc:
-            reply.set(exc)
-            return
+        first = self.writer.add_children(run.run_id, stage.name, rows, ids)
         att.held.append([first, first + len(rows) - 1])
-        if final:
-            self._replies.append(reply)
-        else:
-            reply.set()
 
     def _discard(self, att: _Attempt) -> None:
         """Drop the children of a failed attempt; a retry may add the same ids again."""
@@ -1001,10 +1038,8 @@ class Coordinator:
         if run is None or self._stop_at is not None:
             return
         # Hand-over is only for children nobody needs to hear about before they start, run by
-        # the server's own threads (a user's executor gets one submission per attempt).
-        handover = isinstance(self.pool, ThreadPool) and not signals.task_start.has_receivers_for(
-            self.server
-        )
+        # the server's own threads (stage.handover).
+        handover = not signals.task_start.has_receivers_for(self.server)
         for stage in list(run.stages.values()):
             if stage.over or not stage.parent_done:
                 continue
@@ -1031,7 +1066,7 @@ class Coordinator:
                 free -= 1
             if run.over:
                 break
-            if handover and stage.running and stage.spec.isolation == "thread":
+            if handover and stage.handover and stage.running:
                 depth = min(4 * stage.cap, WINDOW)  # enough for the workers until the next turn
                 while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()
@@ -1097,8 +1132,10 @@ class Coordinator:
                 timeout = att.stage.spec.task_timeout
                 if timeout:
                     att.deadline = start + timeout
+                stage = att.stage
+                pool = stage.pool if att.child_json is not None else stage.parent_pool
                 try:
-                    self.pool.submit(run_attempt, att)
+                    pool.submit(run_attempt, att)
                 except Exception as exc:  # e.g. a user executor that was shut down
                     self.post(("done", att.uid, exc, None, json.dumps({"error": error_data(exc)})))
         if self._replies:

@@ -61,6 +61,8 @@ class TaskSpec:
     retry_on: Any
     isolation: Any
     next: Any
+    executor: Any = None
+    child_executor: Any = None
     name: str = ""
     #: Names of the next tasks; empty for ``ALL_OVER``. Set by the definition check.
     successors: tuple[str, ...] = field(default=())
@@ -104,6 +106,8 @@ def task(
     | None = None,
     isolation: str = "thread",
     next: str | list[str] = _MISSING,
+    executor: str | None = None,
+    child_executor: str | None = None,
 ) -> TaskSpec:
     """Declare a task of a :class:`Flow`; the attribute name is the task name.
 
@@ -120,6 +124,13 @@ def task(
         (None: every failure, timeouts included). A rejected error uses up the attempts.
     :param isolation: ``"thread"`` (cooperative cancel) or ``"subprocess"``.
     :param next: the next task, a list of them (fan-out), or ``ALL_OVER``.
+    :param executor: the name of one of the executors given as ``start_link(executors={...})``
+        that runs this task's attempts: the parent's, and its children's unless
+        ``child_executor`` names another (default: ``start_link(executor=...)``, else the
+        server's own threads).
+    :param child_executor: the name of the executor that runs the children only, so that the
+        parent stays where ``executor`` puts it, e.g. in the server's threads, while its
+        children go to a cluster (default: where the parent runs). See docs/scale-out.md.
     """
     return TaskSpec(
         task_func,
@@ -132,6 +143,8 @@ def task(
         retry_on,
         isolation,
         next,
+        executor=executor,
+        child_executor=child_executor,
     )
 
 
@@ -310,6 +323,19 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
                     "function defined at the top level of a module; move it to a module and "
                     "import it from there"
                 )
+    for label in ("executor", "child_executor"):
+        value = getattr(spec, label)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise fail(
+                f"has {label}={value!r}; name one of the executors given to "
+                f"start_link(executors={{...}}) with a string, e.g. {label}='dask', or leave "
+                "it out to use start_link(executor=...)"
+            )
+    if spec.child_executor is not None and spec.child_task_func is None:
+        raise fail(
+            f"has child_executor={spec.child_executor!r} but no child_task_func, so it has no "
+            "children to run there; use executor= for the task itself"
+        )
     nxt = spec.next
     if nxt is _MISSING or nxt is None:
         raise fail("has no next; add next='<task>', next=['a', 'b'] or next=ALL_OVER")
@@ -504,6 +530,7 @@ class Flow:
         store: str | os.PathLike[str] | None = None,
         return_to: Any = None,
         executor: Any = None,
+        executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> Flow:
         """Start a server: its coordinator thread opens the store and waits for runs.
@@ -513,12 +540,21 @@ class Flow:
         :param return_to: a queue (anything with ``.put``) or a callable that receives the
             :class:`RunResult` of every run, on the coordinator thread.
         :param executor: a :class:`concurrent.futures.Executor` to run attempts in (default: the
-            server's own daemon threads, which never block interpreter exit).
+            server's own daemon threads, which never block interpreter exit). A
+            ``ThreadPoolExecutor`` runs them in this process; any other executor (a
+            ``ProcessPoolExecutor``, Dask's ``Client.get_executor()``) is remote: see
+            docs/scale-out.md.
+        :param executors: named executors, for tasks that pick one with
+            ``task(executor="name")`` or ``task(child_executor="name")``.
         :param extra_state: entries put into every run's state.
         :raises AlreadyStarted: if a server with this name is running.
         :raises StoreError: if the store cannot be opened.
+        :raises TypeError: for an executor without ``submit()``.
+        :raises ValueError: for a task that names an executor not in ``executors``, or a task
+            with ``isolation="subprocess"`` in a remote executor.
         """
         from .coordinator import Coordinator
+        from .executors import resolve
         from .store import default_path
 
         definition = cls.definition
@@ -538,6 +574,7 @@ class Flow:
                 f"start_link(): return_to={return_to!r} has no .put() and is not callable; pass "
                 "a queue.Queue or a function(result)"
             )
+        placed = resolve(definition, executor, executors)
         self = object.__new__(cls)
         self._name = name
         self._lock = threading.Lock()  # guards _active and _stopped, never held across user code
@@ -550,7 +587,7 @@ class Flow:
                 raise AlreadyStarted(name, running)
             _registry[name] = self
         try:
-            self._coord = Coordinator(self, definition, path, return_to, executor, extra_state)
+            self._coord = Coordinator(self, definition, path, return_to, placed, extra_state)
             self._coord.start()
         except BaseException:
             self._unregister()
@@ -676,9 +713,10 @@ class Flow:
         store: str | os.PathLike[str] | None = None,
         return_to: Any = None,
         executor: Any = None,
+        executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> RunResult:
-        with cls.start_link(store, return_to, executor, **extra_state) as server:
+        with cls.start_link(store, return_to, executor, executors, **extra_state) as server:
             result: RunResult = server.replay(run_id).result()
         return result
 
@@ -725,10 +763,11 @@ class Flow:
         entrance: str | None = None,
         return_to: Any = None,
         executor: Any = None,
+        executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> RunResult:
         """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call."""
-        with cls.start_link(store, return_to, executor, **extra_state) as server:
+        with cls.start_link(store, return_to, executor, executors, **extra_state) as server:
             result: RunResult = server.start_flow(entrance=entrance).result()
         return result
 

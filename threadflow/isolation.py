@@ -1,7 +1,7 @@
 """Where attempts run: the server's worker threads, and the code that runs one attempt.
 
 Subprocess attempts are driven from the same threads; their processes live in
-:mod:`threadflow.processes`.
+:mod:`threadflow.processes`. Attempts in the user's executors: :mod:`threadflow.executors`.
 
 Workers run user code and report an *outcome value* to the coordinator's inbox; they never
 raise into the engine and never touch run state (one owner: the coordinator).
@@ -133,16 +133,3 @@ class ThreadPool:
         """Ask every worker to exit once it is idle; does not wait (a worker may be stuck)."""
         for _ in self._threads:
             self._queue.put(None)
-
-
-class ExecutorPool:
-    """Runs attempts in a user's :class:`concurrent.futures.Executor`."""
-
-    def __init__(self, executor: Any) -> None:
-        self._executor = executor
-
-    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
-        self._executor.submit(fn, arg)
-
-    def shutdown(self) -> None:
-        """The executor belongs to the user: leave it running."""

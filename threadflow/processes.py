@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -42,26 +41,21 @@ import selectors
 import signal
 import socket
 import threading
-import warnings
 from collections.abc import Callable
-from types import MappingProxyType
 from typing import Any
 
 from ._clock import monotonic
-from .cancel import CancelToken, _local
+from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
+from .cancel import CancelToken
 from .children import _send as _send_children
-from .errors import CancelledError, ProcessDiedError, ThreadflowError, _signal_name
-from .isolation import encode_result, error_data
-from .store import decode_id
+from .errors import CancelledError, ProcessDiedError, _signal_name
+from .isolation import error_data
 
 log = logging.getLogger("threadflow")
 
-_PICKLE = pickle.HIGHEST_PROTOCOL
+_PICKLE = PICKLE
 #: Seconds to wait for a killed process to be reaped before leaving it (uninterruptible sleep).
 REAP_WAIT = 5.0
-#: Fields of a task that may hold functions; ``state["task_flow"]`` copies keep them if they
-#: pickle.
-_FUNCTION_FIELDS = ("task_func", "child_task_func", "task_retry_delay", "retry_on")
 
 
 class _Wake:
@@ -99,9 +93,9 @@ class ProcessPool:
         self._atexit = False
         self._blobs: dict[Any, bytes] = {}  # task function -> pickle (definitions are fixed)
         self._preload: tuple[bytes, ...] | None = None
-        self._flow_blob: tuple[Any, bytes] | None = None
-        self._warned_run: str | None = None
-        self._warned: set[str] = set()
+        self._copier = StateCopier(
+            "runs in a subprocess", "read them in a task with isolation='thread'"
+        )
 
     # -- one attempt (a worker thread) -------------------------------------------------------
 
@@ -143,47 +137,9 @@ class ProcessPool:
             spec.child_task_func is not None,
             run.run_id,
             blob,
-            self._state(att),
+            self._copier.blobs(att),
         )
         return pickle.dumps(job, _PICKLE)
-
-    def _state(self, att: Any) -> dict[str, bytes]:
-        """The run's state as pickles, one per entry; entries that do not pickle are left out."""
-        run_id = att.run.run_id
-        entries = dict(att.run.state)  # a snapshot: callbacks may change the state meanwhile
-        blobs: dict[str, bytes] = {}
-        left: dict[str, str] = {}
-        for name, value in entries.items():
-            if name == "task_flow":
-                blobs[name] = self._flow(value)
-                continue
-            try:
-                blobs[name] = pickle.dumps(value, _PICKLE)
-            except Exception as exc:
-                left[name] = f"{type(value).__name__}: {exc}"
-        if left:
-            with self._lock:
-                if self._warned_run != run_id:
-                    self._warned_run, self._warned = run_id, set()
-                new = sorted(set(left) - self._warned)
-                self._warned.update(new)
-            if new:
-                listed = "; ".join(f"{name!r} ({left[name]})" for name in new)
-                warnings.warn(
-                    f"threadflow: task {att.stage.name!r} runs in a subprocess, which gets a "
-                    f"copy of the state without the entries that cannot be pickled: {listed}. "
-                    "Put picklable values there (paths, settings, plain data), or read them "
-                    "in a task with isolation='thread'",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return blobs
-
-    def _flow(self, definition: Any) -> bytes:
-        cached = self._flow_blob
-        if cached is None or cached[0] is not definition:
-            cached = self._flow_blob = (definition, pickle.dumps(_portable(definition), _PICKLE))
-        return cached[1]
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -415,7 +371,7 @@ class _Process:
         try:
             _send_children(att, ids, datas)
         except BaseException as exc:
-            self.send(("added", _portable_error(exc)))
+            self.send(("added", portable_error(exc)))
         else:
             self.send(("added", None))
 
@@ -425,7 +381,7 @@ class _Process:
             data = msg[1]
         else:
             data = msg[2]
-            error = _load_error(msg[1], att, data)
+            error = load_error(msg[1], att, data, "its process")
         if not token.cancelled:
             return error, data, True
         # Cancelled, and it returned within the grace: still kill its group, which may hold
@@ -529,60 +485,6 @@ def _with_process(data: str | None, facts: dict[str, Any]) -> str:
     return json.dumps(record)
 
 
-def _load_error(blob: bytes | None, att: Any, data: str) -> BaseException:
-    """The exception a task raised in its process, or a stand-in if it does not unpickle."""
-    if blob is not None:
-        try:
-            error = pickle.loads(blob)
-        except Exception as exc:
-            reason = f"it does not unpickle here: {exc!r}"
-        else:
-            if isinstance(error, BaseException):
-                return error
-            reason = "it is not an exception"
-    else:
-        reason = "it cannot be pickled"
-    info = json.loads(data)["error"]
-    return ThreadflowError(
-        f"task {att.task()!r} attempt {att.number} raised {info['type']}: {info['message']} in "
-        f"its process, and the exception cannot be brought back ({reason}); the exit event "
-        "holds its traceback. Make the exception picklable (pass every argument of its "
-        "__init__ on to super().__init__) so that retry_on and callbacks see it"
-    )
-
-
-def _portable_error(exc: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(exc, _PICKLE))
-    except Exception:
-        return ThreadflowError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
-def _picklable(value: Any) -> bool:
-    try:
-        pickle.dumps(value, _PICKLE)
-    except Exception:
-        return False
-    return True
-
-
-def _portable(definition: Any) -> Any:
-    """A picklable copy of a flow definition, for ``state["task_flow"]`` in a worker process.
-
-    Names, graph and options are kept; a function that does not pickle (a thread task's lambda)
-    is None in the copy.
-    """
-    tasks = {}
-    for name, spec in definition.tasks.items():
-        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        for key in _FUNCTION_FIELDS:
-            if fields[key] is not None and not _picklable(fields[key]):
-                fields[key] = None
-        tasks[name] = type(spec)(**fields)
-    return dataclasses.replace(definition, tasks=tasks, predecessors=dict(definition.predecessors))
-
-
 # -- the worker process ---------------------------------------------------------------------
 
 
@@ -638,34 +540,6 @@ class _Link:
                     self.replies.popleft().set(msg[1])
 
 
-class _RemoteAttempt:
-    """The attempt context inside a worker process: what cancel.py and children.py read."""
-
-    __slots__ = ("uid", "token", "coord", "child_json", "stage", "run")
-
-    def __init__(
-        self,
-        token: CancelToken,
-        link: _Link,
-        task: str,
-        child_json: str | None,
-        has_children: bool,
-        run_id: str,
-    ) -> None:
-        self.uid = 0  # the server side knows the attempt; it is not needed here
-        self.token = token
-        self.coord = link
-        self.child_json = child_json
-        spec = _Fields(child_task_func=True if has_children else None)
-        self.stage = _Fields(name=task, spec=spec)
-        self.run = _Fields(run_id=run_id)
-
-
-class _Fields:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
-
-
 def worker_main(conn: Any, preload: tuple[bytes, ...] = ()) -> None:
     """The body of a worker process: make a process group, then run jobs until the pipe closes.
 
@@ -700,38 +574,5 @@ def worker_main(conn: Any, preload: tuple[bytes, ...] = ()) -> None:
 
 def _run_job(link: _Link, token: CancelToken, job: bytes) -> tuple[Any, ...]:
     task, child_json, data_json, has_children, run_id, func_blob, blobs = pickle.loads(job)
-    try:
-        try:
-            func = pickle.loads(func_blob)
-        except Exception as exc:
-            raise ThreadflowError(
-                f"task {task!r}: its worker process cannot import the task function ({exc!r}); "
-                "it must be importable by name in a fresh interpreter that has the server's "
-                "sys.path"
-            ) from exc
-        state: dict[str, Any] = {}
-        for name, pickled in blobs.items():
-            try:
-                state[name] = pickle.loads(pickled)
-            except Exception as exc:
-                raise ThreadflowError(
-                    f"task {task!r}: the state entry {name!r} pickled in the server but does "
-                    f"not unpickle in the worker process ({exc!r}); put plain data there"
-                ) from exc
-        view = MappingProxyType(state)
-        _local.ctx = _RemoteAttempt(token, link, task, child_json, has_children, run_id)
-        if child_json is None:
-            value = func(view)
-        else:
-            value = func((decode_id(child_json), json.loads(data_json)["payload"]), view)
-        return ("over", encode_result(value))
-    except BaseException as exc:
-        blob: bytes | None
-        try:
-            blob = pickle.dumps(exc, _PICKLE)
-            pickle.loads(blob)  # the classic failure is on this side: __init__ arguments
-        except Exception:
-            blob = None
-        return ("exit", blob, json.dumps({"error": error_data(exc)}))
-    finally:
-        _local.ctx = None
+    ctx = RemoteAttempt(token, link, task, child_json, has_children, run_id)
+    return run_job(ctx, data_json, func_blob, blobs, "its worker process")

@@ -1,0 +1,387 @@
+"""Attempts in the user's :class:`concurrent.futures.Executor`\\ s: in this process, or remote.
+
+``start_link(executor=..., executors={...})`` gives a server executors, and ``task(executor=,
+child_executor=)`` picks one by name. There are two kinds:
+
+* **In-process**: a :class:`~concurrent.futures.ThreadPoolExecutor` (or a subclass) runs
+  :func:`~threadflow.isolation.run_attempt` in its threads, exactly like the server's own
+  threads (without their hand-over of children between attempts).
+* **Remote**: every other executor (:class:`~concurrent.futures.ProcessPoolExecutor`, Dask's
+  ``Client.get_executor()``, anything unknown) runs :func:`_run_remote` on a picklable job: the
+  task function (by import name when it has one), the child, a copy of the state's picklable
+  entries and the seconds left until the deadline. There, ``add_children_tasks`` checks and
+  encodes children as in a thread but keeps them in memory; they come back with the outcome and
+  the coordinator adds them right before it records the attempt's success. The cancel token
+  cancels itself at the deadline, since nothing else can reach it there.
+
+No thread waits for a remote attempt: the future's done callback posts the outcome to the
+coordinator's inbox. A cancelled remote attempt (timeout, failed run, ``stop()``) gets
+``future.cancel()``, called from one of the server's threads because an executor may block in
+it (Dask asks its scheduler); the executor may or may not stop the work, and whatever comes back
+later is a stale outcome, as for an abandoned thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import difflib
+import functools
+import json
+import logging
+import pickle
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._clock import monotonic
+from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
+from .cancel import CancelToken
+from .errors import CancelledError, DuplicateChildError, ThreadflowError
+from .isolation import ThreadPool, error_data
+from .store import decode_id
+
+log = logging.getLogger("threadflow")
+
+#: Where a task's attempts run: ``(label, executor)``, or None for the server's own threads.
+Where = tuple[str, Any] | None
+
+
+def is_local(executor: Any) -> bool:
+    """Whether ``executor`` runs attempts in threads of this process."""
+    return isinstance(executor, cf.ThreadPoolExecutor)
+
+
+def _check_executor(what: str, value: Any) -> None:
+    if not callable(getattr(value, "submit", None)):
+        raise TypeError(
+            f"start_link(): {what}={value!r} is not a concurrent.futures.Executor (it has no "
+            "submit()); pass e.g. ThreadPoolExecutor(), ProcessPoolExecutor() or a Dask "
+            "client's get_executor()"
+        )
+
+
+def resolve(
+    definition: Any, executor: Any, executors: Mapping[str, Any] | None
+) -> dict[str, tuple[Where, Where]]:
+    """Where each task's parent and children run, checked against what ``start_link`` got.
+
+    :raises TypeError: for an executor without ``submit()`` or a bad ``executors`` mapping.
+    :raises ValueError: for a task that names an executor not in ``executors``, or a task with
+        ``isolation="subprocess"`` placed in a remote executor.
+    """
+    if executor is not None:
+        _check_executor("executor", executor)
+    named: dict[str, Any] = {}
+    if executors is not None:
+        if not isinstance(executors, Mapping):
+            raise TypeError(
+                f"start_link(): executors={executors!r} is not a mapping; pass a dict of "
+                "name -> executor, e.g. executors={'dask': client.get_executor()}"
+            )
+        for name, value in executors.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(
+                    f"start_link(): executors has the name {name!r}; names are non-empty strings"
+                )
+            _check_executor(f"executors[{name!r}]", value)
+            named[name] = value
+    default: Where = None if executor is None else ("the default executor", executor)
+    flow = definition.name
+    placed: dict[str, tuple[Where, Where]] = {}
+    for task, spec in definition.tasks.items():
+        where = f"flow {flow!r}: task {task!r}"
+        parent = _pick(where, "executor", spec.executor, named, default)
+        child = _pick(where, "child_executor", spec.child_executor, named, parent)
+        if spec.isolation == "subprocess":
+            for place in (parent, child):
+                if place is not None and not is_local(place[1]):
+                    raise ValueError(
+                        f"start_link(): {where} has "
+                        f"isolation='subprocess' and runs in {place[0]}, which runs attempts "
+                        "in other processes; a subprocess attempt is driven from a thread of "
+                        "this process. Leave out isolation='subprocess' (the executor's "
+                        "workers are other processes already), or run the task in the "
+                        "server's threads or a ThreadPoolExecutor"
+                    )
+        placed[task] = (parent, child)
+    return placed
+
+
+def _pick(
+    where: str, option: str, name: str | None, named: dict[str, Any], fallback: Where
+) -> Where:
+    if name is None:
+        return fallback
+    if name not in named:
+        if named:
+            close = difflib.get_close_matches(name, list(named), n=1)
+            known = f"the names given are {sorted(named)}" + (
+                f"; did you mean {close[0]!r}?" if close else ""
+            )
+        else:
+            known = f"no executors were given: pass executors={{{name!r}: <executor>}}"
+        raise ValueError(
+            f"start_link(): {where} has {option}={name!r}, which is not in "
+            f"start_link(executors=...); {known}"
+        )
+    return (f"executor {name!r}", named[name])
+
+
+def make_pools(
+    placed: Mapping[str, tuple[Where, Where]], threads: ThreadPool
+) -> dict[str, tuple[Any, Any]]:
+    """Each task's ``(parent pool, child pool)``; one pool per executor, shared by tasks."""
+    pools: dict[int, Any] = {}
+
+    def pool(where: Where) -> Any:
+        if where is None:
+            return threads
+        label, executor = where
+        made = pools.get(id(executor))
+        if made is None:
+            if is_local(executor):
+                made = ExecutorPool(executor)
+            else:
+                made = RemotePool(executor, label, threads)
+            pools[id(executor)] = made
+        return made
+
+    return {task: (pool(parent), pool(child)) for task, (parent, child) in placed.items()}
+
+
+class ExecutorPool:
+    """Runs attempts in a user's in-process executor (a ``ThreadPoolExecutor``)."""
+
+    def __init__(self, executor: Any) -> None:
+        self._executor = executor
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self._executor.submit(fn, arg)
+
+
+class RemotePool:
+    """Runs attempts in an executor whose workers are other processes (or machines).
+
+    :param label: how messages name the executor (``"executor 'dask'"``).
+    :param threads: the server's own threads, which call ``future.cancel()``.
+    """
+
+    def __init__(self, executor: Any, label: str, threads: ThreadPool) -> None:
+        self._executor = executor
+        self._label = label
+        self._threads = threads
+        self._copier = StateCopier(
+            f"runs in {label}", "read them in a task that runs in the server's own threads"
+        )
+        # Task function -> its pickle by import name, or the function itself when it has no
+        # importable name (the executor then pickles it its own way, e.g. cloudpickle).
+        self._funcs: dict[Any, Any] = {}
+        # Makes every job unique, also across servers and processes: Dask names a task by a
+        # hash of its function and arguments (unless pure=False), and would answer a retry, or
+        # an attempt of another server, with the result it holds for an equal job.
+        self._nonce = uuid.uuid4().hex
+
+    def submit(self, fn: Callable[[Any], None], att: Any) -> None:
+        """Send ``att`` to the executor; the future's done callback posts its outcome.
+
+        ``fn`` (:func:`~threadflow.isolation.run_attempt`, which runs an attempt in this
+        process) is not used: the executor's worker runs :func:`_run_remote`. Never raises.
+        Called on the coordinator thread, right after ``att.deadline`` was set.
+        """
+        try:
+            spec = att.stage.spec
+            func = self._ref(spec.task_func if att.child_json is None else spec.child_task_func)
+            left = None if att.deadline is None else max(0.0, att.deadline - monotonic())
+            job = (
+                f"{self._nonce}-{att.uid}",
+                att.stage.name,
+                att.child_json,
+                att.data,
+                spec.child_task_func is not None,
+                att.run.run_id,
+                func,
+                self._copier.blobs(att),
+                left,
+            )
+            future = self._executor.submit(_run_remote, job)
+        except Exception as exc:  # e.g. the executor was shut down, or the job does not pickle
+            self._post_error(att, self._error(att, exc))
+            att.returned = True
+            return
+        # The token's callback reaches the future through a list that _done empties: no
+        # reference cycle keeps a finished future (and Dask's copy of its result) alive.
+        pending = [future]
+        att.token._on_cancel(lambda: self._cancel_later(pending))
+        future.add_done_callback(lambda done: self._done(att, done, pending))
+
+    def _cancel_later(self, pending: list[Any]) -> None:
+        """A token callback (the cancelling thread: quick, never raises)."""
+        for future in pending[:1]:
+            self._threads.submit(_cancel, future)
+
+    def _ref(self, func: Any) -> Any:
+        try:
+            return self._funcs[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable, never cached
+            pass
+        ref = func
+        inner = func
+        while isinstance(inner, functools.partial):  # where is its function from?
+            inner = inner.func
+        if getattr(inner, "__module__", "__main__") != "__main__":
+            # By import name: quick to send, and an error that says what to fix if the worker
+            # cannot import it. __main__ is left to the executor: a remote worker's __main__ is
+            # not this program's, and cloudpickle (Dask) sends such functions by value.
+            try:
+                ref = pickle.dumps(func, PICKLE)
+            except Exception:
+                pass  # a lambda or nested function: the executor may still manage (cloudpickle)
+        try:
+            self._funcs[func] = ref
+        except TypeError:
+            pass
+        return ref
+
+    def _done(self, att: Any, future: Any, pending: list[Any]) -> None:
+        """The future is done: post the outcome. Runs in the executor's thread; never raises."""
+        pending.clear()
+        att.returned = True
+        post = att.coord.post
+        try:
+            try:
+                outcome = future.result()
+            except BaseException as exc:  # the executor failed, not the task: it never raises
+                self._post_error(att, self._error(att, exc))
+                return
+            if outcome[0] == "over":
+                _, data, ids, datas = outcome
+                if ids:
+                    post(("carried", att.uid, data, ids, datas))
+                else:
+                    post(("done", att.uid, None, None, data))
+            else:
+                _, blob, data = outcome
+                post(("done", att.uid, load_error(blob, att, data, self._label), None, data))
+        except BaseException as exc:  # pragma: no cover - a malformed outcome
+            self._post_error(att, exc)
+
+    @staticmethod
+    def _post_error(att: Any, error: BaseException) -> None:
+        att.coord.post(("done", att.uid, error, None, json.dumps({"error": error_data(error)})))
+
+    def _error(self, att: Any, exc: BaseException) -> BaseException:
+        """The error to record when the executor, not the task, failed the attempt."""
+        if isinstance(exc, cf.CancelledError):
+            return CancelledError(att.token.reason or "cancelled")
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, pickle.PicklingError) or (
+            isinstance(exc, (TypeError, AttributeError)) and "pickle" in str(exc).lower()
+        ):
+            error = ThreadflowError(
+                f"task {att.task()!r} attempt {att.number}: {self._label} could not send the "
+                f"attempt to its workers ({text}). A remote executor pickles the task "
+                "function and the copy of the state: define the function at the top level of "
+                "a module, so that it travels by import name (lambdas and nested functions "
+                "travel only with executors that use cloudpickle, such as Dask's)"
+            )
+            error.__cause__ = exc
+            return error
+        return exc
+
+
+def _cancel(future: Any) -> None:
+    """Ask the executor to drop a future (may block: Dask asks its scheduler)."""
+    try:
+        future.cancel()
+    except Exception:
+        log.debug("threadflow: cancelling a remote attempt failed", exc_info=True)
+
+
+# -- in the executor's worker ---------------------------------------------------------------
+
+
+class _DeadlineToken(CancelToken):
+    """A cancel token that cancels itself at the attempt's deadline.
+
+    In a remote worker nothing from the server can reach the token, so the deadline is the one
+    cancel it gets (the server records the timeout on its own clock, whatever happens here).
+    """
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self, deadline: float | None) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def _expired(self) -> bool:
+        deadline = self._deadline
+        if not self._cancelled and deadline is not None and monotonic() >= deadline:
+            self.cancel("timeout")
+        return self._cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return self._expired()
+
+    def raise_if_cancelled(self) -> None:
+        if self._expired():
+            raise CancelledError(self.reason or "cancelled")
+
+    def wait(self, seconds: float | None) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            left = deadline - monotonic()
+            if seconds is None or seconds >= left:
+                self._waitable().wait(max(0.0, left))
+                self.cancel("timeout")
+                raise CancelledError(self.reason or "cancelled")
+        super().wait(seconds)
+
+
+class _Carried:
+    """The children a remote attempt adds, kept to travel back with its outcome.
+
+    It stands where the coordinator is for a thread (``ctx.coord``): ``add_children_tasks``
+    posts its chunks here and they are accepted at once. A child id this attempt already added
+    raises :class:`~threadflow.DuplicateChildError` here; one added by another attempt is found
+    by the coordinator when the outcome arrives, and fails the attempt.
+    """
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.ids: list[str] = []
+        self.datas: list[str] = []
+        self._seen: set[str] = set()
+
+    def post(self, msg: tuple[Any, ...]) -> None:
+        _, _, ids, datas, reply, _final = msg  # see children._post
+        chunk = set(ids)
+        if len(chunk) < len(ids) or not self._seen.isdisjoint(chunk):
+            seen = set(self._seen)
+            for cid in ids:  # the first repeated id, as the store would name it
+                if cid in seen:
+                    reply.set(DuplicateChildError(self.task, decode_id(cid)))
+                    return
+                seen.add(cid)
+        self._seen |= chunk
+        self.ids.extend(ids)
+        self.datas.extend(datas)
+        reply.set()
+
+    def alive(self) -> bool:
+        return True
+
+
+def _run_remote(job: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Run one attempt in an executor's worker; what a remote executor is given. Never raises.
+
+    :returns: ``("over", data, child_ids, child_datas)`` or ``("exit", exc_blob, data)``.
+    """
+    _, task, child_json, data_json, has_children, run_id, func, blobs, left = job
+    token = _DeadlineToken(None if left is None else monotonic() + left)
+    carried = _Carried(task)
+    ctx = RemoteAttempt(token, carried, task, child_json, has_children, run_id)
+    outcome = run_job(ctx, data_json, func, blobs, "the executor's worker")
+    if outcome[0] == "over":
+        return (*outcome, carried.ids, carried.datas)
+    return outcome
