@@ -27,6 +27,9 @@ Workloads (children, max_concurrency C):
 * ``dag``: ``a -> [b, c] -> d``; b, c and d each add 5k no-op children (C=10 each). Raw: the
   same three batches of ``map`` in order, b and c at once on two executors.
 * ``million``: 1M no-op children, C=10: memory when children are streamed.
+* ``scale`` (with ``--peers``, or ``--only scale``): 10k children sleeping 10 ms on a Dask
+  ``LocalCluster`` (2 workers x 8 threads) against threadflow's own threads and raw
+  ``client.map`` (``tools/bench_scale.py``).
 * ``peer-dask``, ``peer-taskflow`` (``--peers``): 10k and 2k no-op tasks, C=10, with raw and
   threadflow at the same size.
 
@@ -516,12 +519,25 @@ def run_latency(rounds: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Children sleeping 10 ms on a Dask LocalCluster: ``tools/bench_scale.py``, as it prints."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_scale.py")
+    size = ["--children", "1000"] if args.quick else []
+    out = subprocess.run(
+        [sys.executable, script, *size], env=args.env, capture_output=True, text=True, check=True
+    ).stdout
+    print(out, end="", flush=True)
+    return {"output": out}
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if args.only:
         names = [args.only]
     else:
         names = [w.name for w in WORKLOADS.values() if args.peers or not w.peer]
         names += MEASURES
+        if args.peers:
+            names.append("scale")
     rounds = args.rounds or (1 if args.quick else 3)
     results: dict[str, Any] = {"rounds": rounds, "workloads": {}, "measures": {}}
     errors: dict[str, str] = {}
@@ -546,6 +562,8 @@ def run_names(names: list[str], rounds: int, args: argparse.Namespace, results: 
                 results["measures"][name] = run_timeout(rounds, args)
             elif name == "import":
                 results["measures"][name] = run_import(args)
+            elif name == "scale":
+                results["measures"][name] = run_scale(args)
             else:
                 results["measures"][name] = run_latency(rounds, args)
         except (Failed, subprocess.SubprocessError) as exc:
@@ -795,9 +813,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
         "--only",
-        choices=[*WORKLOADS, *MEASURES],
+        choices=[*WORKLOADS, *MEASURES, "scale"],
         metavar="NAME",
-        help=f"run one of: {', '.join([*WORKLOADS, *MEASURES])}",
+        help=f"run one of: {', '.join([*WORKLOADS, *MEASURES, 'scale'])}",
     )
     parser.add_argument("--quick", action="store_true", help="sizes / 10, one round")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
