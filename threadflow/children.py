@@ -13,7 +13,7 @@ from .cancel import current_context
 from .errors import CancelledError
 
 #: Children are sent to the coordinator this many at a time.
-CHUNK = 1000
+CHUNK = 250
 #: Chunks a worker may send ahead before waiting for the coordinator to take them.
 IN_FLIGHT = 4
 

@@ -37,6 +37,8 @@ log = logging.getLogger("threadflow")
 
 #: Messages taken per loop turn at most, so that commits and deadlines stay regular under load.
 BATCH = 10_000
+#: Seconds a loop turn may spend taking messages (a chunk of children is one message).
+TURN = 0.005
 #: Waiting children read from the store per refill of a stage's window.
 WINDOW = 512
 #: Seconds between looks for runs that other processes asked of a global server.
@@ -355,10 +357,13 @@ class Coordinator:
             self.now = monotonic()
             self._ts = None
             taken = 0
+            # A turn ends after BATCH messages or TURN seconds, whichever first, so that
+            # deadlines are looked at often even while workers keep the inbox full.
+            until = self.now + TURN
             while msg is not None:
                 handle(msg)
                 taken += 1
-                if taken >= BATCH:
+                if taken >= BATCH or monotonic() >= until:
                     break
                 try:
                     msg = get_nowait()
