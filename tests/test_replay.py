@@ -5,12 +5,12 @@ whole log back: which attempts ran in which segment (segments are split at ``rep
 events), and how many ``task_over`` each child has across the log.
 """
 
-import contextlib
 import queue
 import threading
 from collections import Counter
 
 import pytest
+from helpers import recording
 from replay_flows import (
     BrokenParent,
     FanIn,
@@ -31,26 +31,11 @@ from threadflow import (
     FlowRunning,
     ReplayError,
     results,
-    signals,
     task,
 )
 
 GUARD = 30.0  # seconds; a hang guard for result(), never a synchronisation
 CHILDREN_TO_FOLD = 10_000
-
-SIGNAL_NAMES = (
-    "start_flow",
-    "task_start",
-    "task_over",
-    "task_all_over",
-    "task_failed",
-    "task_timeout",
-    "task_exit",
-    "task_retry",
-    "all_over",
-    "failed_over",
-)
-RUN_SIGNALS = {"start_flow", "all_over", "failed_over"}
 
 
 # --- reading the log --------------------------------------------------------------------------
@@ -80,25 +65,6 @@ def overs(store_path, run_id):
 
 def only_once(task_name, ids):
     return Counter({(task_name, None): 1, **{(task_name, i): 1 for i in ids}})
-
-
-def _recorder(log, name):
-    def receive(sender, **kwargs):
-        task_tuple = () if name in RUN_SIGNALS else kwargs["task"]
-        log.append(" ".join([name, *map(str, task_tuple)]))
-
-    return receive
-
-
-@contextlib.contextmanager
-def recording(server):
-    """Record the server's signals as ``"name task child"`` strings, in the order they fire."""
-    log = []
-    with contextlib.ExitStack() as stack:
-        for name in SIGNAL_NAMES:
-            signal = getattr(signals, name)
-            stack.enter_context(signal.connected_to(_recorder(log, name), sender=server))
-        yield log
 
 
 def hold_until_stopped(flow, store_path, holds, **extra_state):

@@ -7,6 +7,7 @@ import threading
 import types
 
 import pytest
+from helpers import wait_until
 
 import threadflow
 from threadflow import (
@@ -142,16 +143,6 @@ def sorted_events(store_path, run_id):
 
 def kinds(store_path, run_id):
     return [e.kind for e in sorted_events(store_path, run_id)]
-
-
-def wait_until(predicate, seconds=5.0):
-    """Poll ``predicate`` at most ``seconds``, waking every 10 ms; True once it holds."""
-    tick = threading.Event()
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return True
-        tick.wait(0.01)
-    return predicate()
 
 
 # --- start_link, start_flow, handles ----------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import scale_tasks as tasks
 import subprocess_tasks
+from helpers import wait_until
 
 from threadflow import (
     ALL_OVER,
@@ -30,16 +31,6 @@ from threadflow import (
 )
 
 HANG_GUARD = 60  # seconds: only a guard against a hanging test, never a synchronisation
-
-
-def wait_for(check, within=HANG_GUARD):
-    """Wait until ``check()`` holds (a fact outside this thread); False if it never did."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def events(store_path, run_id, kind=None):
@@ -194,7 +185,7 @@ def test_a_child_past_its_timeout_on_dask_is_cancelled_and_retried(
         res = server.start_flow().result(timeout=HANG_GUARD)
         assert res.outcome == "all_over", res.error
         # The late outcome of attempt 1 is logged as stale, never acted on.
-        assert wait_for(lambda: events(store_path, res.run_id, "stale"))
+        assert wait_until(lambda: events(store_path, res.run_id, "stale"), HANG_GUARD)
 
     kinds = [(e.kind, e.attempt) for e in events(store_path, res.run_id) if e.child_id == 0]
     assert kinds[:4] == [("child_added", 1), ("task_started", 1), ("timeout", 1), ("retry", 1)]
@@ -204,7 +195,7 @@ def test_a_child_past_its_timeout_on_dask_is_cancelled_and_retried(
     assert ("stale", 1) in kinds
     assert dict(results(res.state, "fan")) == {0: 2}
     # The token in the worker cancelled itself at the deadline: the sleep did not go on.
-    assert wait_for(Path(tmp_path, "woke-0").exists)
+    assert wait_until(Path(tmp_path, "woke-0").exists, HANG_GUARD)
     assert Path(tmp_path, "woke-0").read_text() == "timeout"
 
 
@@ -269,7 +260,7 @@ def test_stop_interrupts_a_run_whose_children_are_on_dask(dask_executor, store_p
         store=store_path, executors={"dask": dask_executor}, dir=str(tmp_path), n=1
     )
     handle = server.start_flow()
-    assert wait_for(Path(tmp_path, "started-0").exists)
+    assert wait_until(Path(tmp_path, "started-0").exists, HANG_GUARD)
     began = time.monotonic()
     server.stop(timeout=4)
 

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import pytest
+from helpers import recording
 
 from threadflow import (
     ALL_OVER,
@@ -27,19 +28,6 @@ from threadflow import (
 )
 
 HANG_GUARD = 30.0
-SIGNAL_NAMES = (
-    "start_flow",
-    "task_start",
-    "task_over",
-    "task_all_over",
-    "task_failed",
-    "task_timeout",
-    "task_exit",
-    "task_retry",
-    "all_over",
-    "failed_over",
-)
-RUN_SIGNALS = {"start_flow", "all_over", "failed_over"}
 
 
 # --- task functions -------------------------------------------------------------------------
@@ -317,25 +305,6 @@ def plan_of(*steps):
     for step in steps:
         plan.put(step)
     return plan
-
-
-def _recorder(log, name):
-    def receive(sender, **kwargs):
-        task_tuple = () if name in RUN_SIGNALS else kwargs["task"]
-        log.append(" ".join([name, *map(str, task_tuple)]))
-
-    return receive
-
-
-@contextlib.contextmanager
-def recording(server):
-    """Record the server's signals as 'name task child' strings, in the order they fire."""
-    log = []
-    with contextlib.ExitStack() as stack:
-        for name in SIGNAL_NAMES:
-            signal = getattr(signals, name)
-            stack.enter_context(signal.connected_to(_recorder(log, name), sender=server))
-        yield log
 
 
 # --- bug 1 ----------------------------------------------------------------------------------

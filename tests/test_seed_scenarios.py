@@ -1,11 +1,11 @@
 """The seven test scenarios of the Elixir TaskFlow (SEED.md), in Python form."""
 
-import contextlib
 import queue
 from collections import Counter
 from datetime import datetime
 
 import pytest
+from helpers import recording
 
 from threadflow import (
     ALL_OVER,
@@ -23,20 +23,6 @@ from threadflow import (
 GOOD_TEXT = "1,2,3\n4,5,6\n7,8,9"
 BAD_TEXT = "1,2,3\n4,5,6\n7,8,b"
 HANG_GUARD = 30.0
-
-SIGNAL_NAMES = (
-    "start_flow",
-    "task_start",
-    "task_over",
-    "task_all_over",
-    "task_failed",
-    "task_timeout",
-    "task_exit",
-    "task_retry",
-    "all_over",
-    "failed_over",
-)
-RUN_SIGNALS = {"start_flow", "all_over", "failed_over"}
 
 
 # --- task functions -------------------------------------------------------------------------
@@ -146,25 +132,6 @@ def attempts(store_path, run_id):
 
 def task_kinds(store_path, run_id, task_name):
     return [e.kind for e in EventStore(store_path).events(run_id) if e.task == task_name]
-
-
-def _recorder(log, name):
-    def receive(sender, **kwargs):
-        task_tuple = () if name in RUN_SIGNALS else kwargs["task"]
-        log.append(" ".join([name, *map(str, task_tuple)]))
-
-    return receive
-
-
-@contextlib.contextmanager
-def recording(server):
-    """Record the server's signals as 'name task child' strings, in the order they fire."""
-    log = []
-    with contextlib.ExitStack() as stack:
-        for name in SIGNAL_NAMES:
-            signal = getattr(signals, name)
-            stack.enter_context(signal.connected_to(_recorder(log, name), sender=server))
-        yield log
 
 
 # --- scenarios ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import freezegun
 import pytest
 import subprocess_tasks as tasks
+from helpers import wait_until
 
 from threadflow import (
     ALL_OVER,
@@ -65,19 +66,9 @@ def dead(pid):
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def wait_for(check, within=GONE_WITHIN):
-    """Wait until ``check()`` holds (a fact outside this process); False if it never did."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def read_pid(directory, name):
     path = Path(directory, name)
-    assert wait_for(path.exists, HANG_GUARD), f"{name} never appeared"
+    assert wait_until(path.exists, HANG_GUARD), f"{name} never appeared"
     return int(path.read_text())
 
 
@@ -266,7 +257,7 @@ def test_a_death_is_seen_although_a_forked_process_lives_on_and_that_one_is_kill
     assert res.outcome == "all_over", res.error
     [exit_event] = event_data(store_path, res.run_id, "exit")
     assert exit_event["process"]["exitcode"] == 3
-    assert wait_for(lambda: dead(read_pid(tmp_path, "grandchild.pid")))
+    assert wait_until(lambda: dead(read_pid(tmp_path, "grandchild.pid")), GONE_WITHIN)
 
 
 class Unpicklable(Flow):
@@ -344,9 +335,9 @@ def test_a_hanging_process_is_killed_soon_after_its_deadline_and_reaped(store_pa
         ):
             res = server.start_flow().result(timeout=HANG_GUARD)
         first = read_pid(tmp_path, "hang-1.pid")
-        assert wait_for(lambda: reaped(first)), "the hanging process is still there"
+        assert wait_until(lambda: reaped(first), GONE_WITHIN), "the hanging process is still there"
         gone_after = time.monotonic() - fired[0]
-        assert wait_for(lambda: events(store_path, res.run_id, "stale"))
+        assert wait_until(lambda: events(store_path, res.run_id, "stale"), GONE_WITHIN)
 
     assert res.outcome == "all_over"
     assert gone_after < server.kill_grace + 2.0
@@ -379,7 +370,9 @@ def test_a_process_the_task_started_is_killed_with_it(store_path, tmp_path):
 
     assert res.outcome == "all_over"
     grandchild = read_pid(tmp_path, "grandchild.pid")
-    assert wait_for(lambda: dead(grandchild)), "the task's own process survived the kill"
+    assert wait_until(lambda: dead(grandchild), GONE_WITHIN), (
+        "the task's own process survived the kill"
+    )
     assert reaped(read_pid(tmp_path, "hang-1.pid"))
 
 
@@ -396,7 +389,7 @@ class SleepsCooperatively(Flow):
 def test_threadflow_sleep_in_a_process_wakes_on_timeout(store_path, tmp_path):
     with SleepsCooperatively.start_link(store=store_path, dir=str(tmp_path)) as server:
         res = server.start_flow().result(timeout=HANG_GUARD)
-        assert wait_for(lambda: events(store_path, res.run_id, "stale"))
+        assert wait_until(lambda: events(store_path, res.run_id, "stale"), GONE_WITHIN)
 
     assert res.outcome == "all_over"
     assert Path(tmp_path, "cancelled").read_text() == "timeout"
@@ -413,7 +406,7 @@ def test_timeouts_kill_processes_under_a_frozen_clock(store_path, tmp_path):
             res = server.start_flow().result(timeout=HANG_GUARD)
 
     assert res.outcome == "all_over"
-    assert wait_for(lambda: reaped(read_pid(tmp_path, "hang-1.pid")))
+    assert wait_until(lambda: reaped(read_pid(tmp_path, "hang-1.pid")), GONE_WITHIN)
     assert all(e.ts.startswith("2020-01-01") for e in events(store_path, res.run_id))
 
 
@@ -444,7 +437,7 @@ def test_stop_during_running_attempts_leaves_no_process_behind(store_path, tmp_p
     server.stop(timeout=HANG_GUARD)
 
     assert [pid for pid in pids if not reaped(pid)] == []
-    assert wait_for(lambda: all(dead(pid) for pid in grandchildren))
+    assert wait_until(lambda: all(dead(pid) for pid in grandchildren), GONE_WITHIN)
     res = handle.result(timeout=HANG_GUARD)
     assert res.outcome == "interrupted"
     kills = [d["process"] for d in event_data(store_path, res.run_id, "exit")]
@@ -457,8 +450,8 @@ def test_stop_with_a_short_timeout_still_kills_every_process(store_path, tmp_pat
 
     server.stop(timeout=0.1)  # shorter than the kill grace: the pool's shutdown kills them
 
-    assert wait_for(lambda: all(reaped(pid) for pid in pids))
-    assert wait_for(lambda: all(dead(pid) for pid in grandchildren))
+    assert wait_until(lambda: all(reaped(pid) for pid in pids), GONE_WITHIN)
+    assert wait_until(lambda: all(dead(pid) for pid in grandchildren), GONE_WITHIN)
     assert handle.result(timeout=HANG_GUARD).outcome == "interrupted"
 
 
@@ -585,7 +578,7 @@ def test_a_program_that_exits_without_stop_leaves_no_worker_behind(tmp_path, sto
     report = run_script(tmp_path, store_path, "hang")
 
     worker = int(Path(tmp_path, "worker.pid").read_text())
-    assert wait_for(lambda: dead(worker))
+    assert wait_until(lambda: dead(worker), GONE_WITHIN)
     [run] = EventStore(store_path).runs()
     assert (run.run_id, run.outcome) == (report["run_id"], "interrupted")
     # The server stopped first and killed it; multiprocessing's own exit hook (SIGTERM) came
@@ -609,4 +602,4 @@ def test_workers_of_a_program_killed_with_sigkill_kill_themselves(tmp_path, stor
         program.wait(timeout=HANG_GUARD)
         program.stdout.close()
 
-    assert wait_for(lambda: dead(worker)), "the worker outlived its server"
+    assert wait_until(lambda: dead(worker), GONE_WITHIN), "the worker outlived its server"

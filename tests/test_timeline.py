@@ -18,6 +18,7 @@ from pathlib import Path
 import freezegun
 import pytest
 from click.testing import CliRunner
+from helpers import wait_until
 
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, add_children_tasks, task
@@ -150,16 +151,6 @@ def reset():
         event.clear()
     yield
     HOLD.set()
-
-
-def wait_until(condition, timeout=10.0):
-    """Wait for a condition another thread makes true; False if it never does."""
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return True
-        pause.wait(0.005)
-    return condition()
 
 
 class Page(HTMLParser):

@@ -5,6 +5,7 @@ import threading
 
 import freezegun
 import pytest
+from helpers import wait_until
 
 import threadflow
 from threadflow import (
@@ -203,16 +204,6 @@ def where(store_path, run_id, kind):
     return [
         (e.task, e.child_id, e.attempt) for e in sorted_events(store_path, run_id) if e.kind == kind
     ]
-
-
-def wait_until(predicate, seconds=5.0):
-    """Poll ``predicate`` at most ``seconds``, waking every 10 ms; True once it holds."""
-    tick = threading.Event()
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return True
-        tick.wait(0.01)
-    return predicate()
 
 
 # --- timeouts and retries ---------------------------------------------------------------------
