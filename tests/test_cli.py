@@ -666,8 +666,10 @@ def test_replay_that_fails_again_exits_1_with_the_task_and_error(db):
         f"error: ValueError: {BROKEN}",
     ]
     assert result.stderr == (
-        f"fix the cause, then replay again: threadflow replay {ids['fatal']} --db {path} "
+        f"fix the cause, then replay: threadflow replay {ids['fatal']} --db {path} "
         f"--flow {FLOWS}:Fatal\n"
+        f"see where time went: threadflow timeline {ids['fatal']} --db {path} "
+        f"-o {ids['fatal']}.html\n"
     )
 
 
@@ -693,7 +695,7 @@ def test_replay_interrupted_exits_4_and_can_be_replayed_again(tmp_path, flows, m
     result = replay(run_id, path, flow="Stoppable", env={"CLI_FLOWS_STOP": "1"})
     assert result.exit_code == 4, (result.stdout, result.stderr)
     assert result.stdout == f"run {run_id}: interrupted\n"
-    assert "replay again to go on: threadflow replay" in result.stderr
+    assert "replay it to go on: threadflow replay" in result.stderr
     (record,) = json.loads(invoke("runs", "--db", path, "--json").stdout)
     assert record["status"] == "interrupted"
     result = replay(run_id, path, flow="Stoppable")

@@ -769,25 +769,8 @@ def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> Non
         # Flow.replay stops its server on the way out, which records the run interrupted.
         click.echo(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    record = _result_record(result)
-    if as_json:
-        _echo_json(record)
-    else:
-        click.echo(f"run {result.run_id}: {result.outcome}")
-        if result.task is not None:
-            click.echo(f"failed task: {_task_text(record['task'])}")
-            click.echo(f"error: {_error_text(result.error)}")
-        if result.failed:
-            click.echo(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
-    again = f"threadflow replay {result.run_id} --db {_quote(path)} --flow {_flow_arg(flow_cls)}"
-    if result.outcome == "failed_over":
-        if not as_json:
-            click.echo(f"fix the cause, then replay again: {again}", err=True)
-        sys.exit(EXIT_FAILED)
-    if result.outcome == "interrupted":
-        if not as_json:
-            click.echo(f"replay again to go on: {again}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    # No duration: a replayed run keeps its first start time.
+    _report_result(result, path, as_json, flow_cls, took=None)
 
 
 def _flow_arg(cls: type) -> str:
@@ -1234,7 +1217,6 @@ def run_command(
     counts = _Progress(server, path)
     live = sys.stderr.isatty() if progress is None else progress
     view = _ProgressView(counts, live=live, enabled=progress is not False)
-    again = f"--db {_quote(path)} --flow {_flow_arg(flow_cls)}"
     handle: Any = None
     try:
         try:
@@ -1269,23 +1251,29 @@ def run_command(
     finally:
         counts.close()
         _stop(server)
-    _report_result(result, path, as_json, again)
+    took = _duration(result.state["start_time"].isoformat(), _utcnow_iso())
+    _report_result(result, path, as_json, flow_cls, took)
 
 
-def _report_result(result: Any, path: str, as_json: bool, again: str) -> None:
-    """Print the outcome (and what to do next), and exit with its code."""
+def _report_result(
+    result: Any, path: str, as_json: bool, flow_cls: type, took: float | None
+) -> None:
+    """Print the outcome of ``run`` or ``replay`` (and on stderr what to do next), then exit
+    with its code."""
     record = _result_record(result)
     if as_json:
         _echo_json(record)
     else:
-        took = _duration(result.state["start_time"].isoformat(), _utcnow_iso())
-        click.echo(f"run {result.run_id}: {result.outcome} in {_human_duration(took)}")
+        ended = f"run {result.run_id}: {result.outcome}"
+        click.echo(ended if took is None else f"{ended} in {_human_duration(took)}")
         if result.task is not None:
             click.echo(f"failed task: {_task_text(record['task'])}")
             click.echo(f"error: {_error_text(result.error)}")
         if result.failed:
             click.echo(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
-    replay_cmd = f"threadflow replay {result.run_id} {again}"
+    replay_cmd = (
+        f"threadflow replay {result.run_id} --db {_quote(path)} --flow {_flow_arg(flow_cls)}"
+    )
     if result.outcome == "failed_over":
         click.echo(f"fix the cause, then replay: {replay_cmd}", err=True)
         click.echo(
