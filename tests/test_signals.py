@@ -546,3 +546,22 @@ def test_callbacks_and_signals_all_run_on_the_one_coordinator_thread(store_path)
     assert coordinator != threading.main_thread().name
     assert len(worker_threads) == 5
     assert coordinator not in worker_threads
+
+
+class RaisingAllOverFlow(TwoStageFlow):
+    def handle_all_over(self, state):
+        raise RuntimeError("handle_all_over broke")
+
+
+def test_error_of_a_final_callback_is_in_the_store_when_the_result_is_delivered(store_path):
+    # return_to runs on the coordinator thread as soon as the result is ready: whatever the run's
+    # last callbacks recorded must already be committed then.
+    seen: list = []
+
+    def read_errors(result):
+        seen.extend(EventStore(store_path).events(result.run_id, "callback_error"))
+
+    result = RaisingAllOverFlow.run(store=store_path, return_to=read_errors)
+
+    assert result.outcome == "all_over"
+    assert [e.data["signal"] for e in seen] == ["all_over"]

@@ -1124,6 +1124,10 @@ class Coordinator:
             sigs, self._sigs = self._sigs, []
             for sig, kwargs in sigs:
                 self._send(sig, kwargs)
+            if self._rows:  # callback errors: on disk before anything below acts on them
+                writer.append(self._rows)
+                self._rows = []
+                writer.commit()
         if self._submit:
             subs, self._submit = self._submit, []
             start = monotonic()
@@ -1151,10 +1155,6 @@ class Coordinator:
             after, self._after = self._after, []
             for action in after:
                 action()
-        if self._rows:  # callback errors recorded while sending signals
-            writer.append(self._rows)
-            self._rows = []
-            writer.commit()
 
     def _send(self, sig: Any, kwargs: dict[str, Any]) -> None:
         """Call each receiver; one that raises is logged and recorded, the others still run."""
