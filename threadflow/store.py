@@ -591,9 +591,7 @@ class EventStore:
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path, write=False)
 
-    def runs(self) -> list[RunInfo]:
-        """Every run in the store, oldest first, with its children done and failed (a child
-        that failed and then succeeded in a replay counts as done only)."""
+    def _runs(self, where: str = "", params: tuple[Any, ...] = ()) -> list[RunInfo]:
         conn = self._connect()
         try:
             rows = conn.execute(
@@ -603,19 +601,27 @@ class EventStore:
                 "(SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
                 "AND e.kind = 'task_failed' AND e.ref IS NOT NULL AND NOT EXISTS ("
                 "SELECT 1 FROM events o WHERE o.run_id = r.run_id AND o.kind = 'task_over' "
-                "AND o.task = e.task AND o.ref = e.ref)) "
-                "FROM runs r ORDER BY started, rowid"
+                f"AND o.task = e.task AND o.ref = e.ref)) FROM runs r {where} "
+                "ORDER BY started, rowid",
+                params,
             ).fetchall()
         finally:
             conn.close()
         return [RunInfo(*row) for row in rows]
 
+    def runs(self) -> list[RunInfo]:
+        """Every run in the store, oldest first, with its children done and failed (a child
+        that failed and then succeeded in a replay counts as done only)."""
+        return self._runs()
+
     def run(self, run_id: str) -> RunInfo:
         """The run whose id is ``run_id`` or starts with it.
 
+        Only the matching runs are read (and their children counted), not the whole store.
+
         :raises KeyError: if no run, or several runs, match.
         """
-        matches = [r for r in self.runs() if r.run_id.startswith(run_id)]
+        matches = self._runs("WHERE substr(run_id, 1, ?) = ?", (len(run_id), run_id))
         exact = [r for r in matches if r.run_id == run_id]
         if exact:
             return exact[0]
