@@ -26,7 +26,13 @@ from typing import Any
 from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken
-from .errors import CancelledError, DuplicateChildError, TaskTimeout, ThreadflowError
+from .errors import (
+    CancelledError,
+    DuplicateChildError,
+    FlowRunning,
+    TaskTimeout,
+    ThreadflowError,
+)
 from .executors import make_pools
 from .isolation import ThreadPool, error_data, run_attempt
 from .processes import ProcessPool
@@ -418,19 +424,14 @@ class Coordinator:
                 request_id, "refused", f"flow {d.name!r} has no task {entrance!r}"
             )
             return
-        server = self.server
-        with server._lock:
-            active = server._active
-            if active is None and not server._stopped:
-                handle = RunHandle(run_id, utcnow())
-                server._active = handle
-        if active is not None or server._stopped:
-            message = (
-                json.dumps({"run_id": active.run_id, "start_time": active.start_time.isoformat()})
-                if active is not None
-                else None
-            )
+        try:
+            handle = self.server._take_slot(run_id, utcnow())
+        except FlowRunning as busy:
+            message = json.dumps({"run_id": busy.run_id, "start_time": busy.start_time.isoformat()})
             self.writer.answer_request(request_id, "refused", message)
+            return
+        except ThreadflowError as exc:  # stopped
+            self.writer.answer_request(request_id, "refused", str(exc))
             return
         self.writer.answer_request(request_id, "started", None)
         self._on_start(handle, entrance)

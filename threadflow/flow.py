@@ -8,6 +8,7 @@ class is a *server*: it owns a coordinator thread and runs one flow at a time.
 from __future__ import annotations
 
 import atexit
+import datetime
 import difflib
 import functools
 import graphlib
@@ -612,6 +613,16 @@ class Flow:
         definition = self._coord.definition
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
+        handle = self._take_slot(uuid.uuid4().hex[:12], utcnow())
+        self._coord.post(("start", handle, entrance))
+        return handle
+
+    def _take_slot(self, run_id: str, start_time: datetime.datetime) -> RunHandle:
+        """Make run ``run_id`` this server's one run; any thread may call it.
+
+        :raises ThreadflowError: if the server is stopped.
+        :raises FlowRunning: if it runs a run already.
+        """
         with self._lock:
             if self._stopped:
                 raise ThreadflowError(
@@ -619,9 +630,8 @@ class Flow:
                 )
             if self._active is not None:
                 raise FlowRunning(self._name, self._active.run_id, self._active.start_time)
-            handle = RunHandle(uuid.uuid4().hex[:12], utcnow())
+            handle = RunHandle(run_id, start_time)
             self._active = handle
-        self._coord.post(("start", handle, entrance))
         return handle
 
     @classmethod
@@ -662,8 +672,6 @@ class Flow:
             written by a flow whose tasks or edges have changed since.
         :raises FlowRunning: if this server is running a run.
         """
-        import datetime
-
         from .children import Reply
 
         coord = self._coord
@@ -688,15 +696,7 @@ class Flow:
                 )
         history = store.history(run_id)
         _check_same_flow(coord.definition, history)
-        with self._lock:
-            if self._stopped:
-                raise ThreadflowError(
-                    f"server {self._name!r} is stopped; start a new one with start_link()"
-                )
-            if self._active is not None:
-                raise FlowRunning(self._name, self._active.run_id, self._active.start_time)
-            handle = RunHandle(run_id, datetime.datetime.fromisoformat(info.started))
-            self._active = handle
+        handle = self._take_slot(run_id, datetime.datetime.fromisoformat(info.started))
         reply = Reply()
         coord.post(("replay", handle, history, reply))
         while not reply.event.wait(0.5):
