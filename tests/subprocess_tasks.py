@@ -188,3 +188,9 @@ def results_of(state):
         "flow": state["task_flow"].name,
         "results": [[cid, r] for cid, r in threadflow.results(state, "split")],
     }
+
+
+def add_many_then_count(state):
+    """Adds more children than fit in one chunk; returns how many the store holds right after."""
+    add_children_tasks(((i, i) for i in range(1100)), state)
+    return len(state["store"].events(state["run_id"], "child_added"))

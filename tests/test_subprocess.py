@@ -603,3 +603,25 @@ def test_workers_of_a_program_killed_with_sigkill_kill_themselves(tmp_path, stor
         program.stdout.close()
 
     assert wait_until(lambda: dead(worker), GONE_WITHIN), "the worker outlived its server"
+
+
+class ManyChunks(Flow):
+    split = task(
+        task_func=tasks.add_many_then_count,
+        child_task_func=tasks.double,
+        isolation="subprocess",
+        max_concurrency=4,
+        next=ALL_OVER,
+    )
+
+
+def test_many_chunks_added_in_a_process_are_all_durable_when_the_call_returns(store_path):
+    # 1,100 children are five chunks, sent ahead over the pipe: only the last waits for its
+    # commit, and it is answered after every earlier one.
+    with ManyChunks.start_link(store=store_path) as server:
+        res = server.start_flow().result(timeout=HANG_GUARD)
+
+    assert res.outcome == "all_over", res.error
+    [parent_over] = [e for e in events(store_path, res.run_id, "task_over") if e.child_id is None]
+    assert parent_over.data["result"] == 1100
+    assert [cid for cid, _ in results(res.state, "split")] == list(range(1100))

@@ -126,7 +126,7 @@ def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> Non
     ctx = _attempt_for(state, "add_child_task")
     ctx.token.raise_if_cancelled()
     cid, data = _encode_child(ctx.stage.name, (child_id, payload), ctx.child_json or "null")
-    _send(ctx, [cid], [data])
+    _wait(ctx, _post(ctx, [cid], [data], final=True))
 
 
 class Reply:
@@ -158,11 +158,6 @@ def _wait(ctx: Any, reply: Reply) -> None:
             raise CancelledError("stop")
     if reply.error is not None:
         raise reply.error
-
-
-def _send(ctx: Any, ids: list[str], datas: list[str]) -> None:
-    """Send one chunk and wait until it is committed."""
-    _wait(ctx, _post(ctx, ids, datas, final=True))
 
 
 def results(state: Mapping[str, Any], task: str) -> Iterator[tuple[Any, Any]]:

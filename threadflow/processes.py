@@ -16,7 +16,8 @@ after a cancelled attempt, a death or a broken pipe, its group is killed and it 
 Messages on the pipe (pickled tuples)::
 
     worker -> server   ("ready", pid)             once, after it has made its process group
-                       ("add", ids, datas)        a chunk of encoded children; waits for "added"
+                       ("add", ids, datas, final) a chunk of encoded children; "added" answers
+                                                  it (a final one once committed)
                        ("over", data)             the task returned; data: its task_over data
                        ("exit", exc_blob, data)   the task raised; exc_blob None if unpicklable
     server -> worker   ("run", job_blob)          run one attempt
@@ -47,7 +48,8 @@ from typing import Any
 from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
 from .cancel import CancelToken
-from .children import _send as _send_children
+from .children import _post as _post_children
+from .children import _wait as _wait_children
 from .errors import CancelledError, ProcessDiedError, _signal_name
 from .isolation import error_data
 
@@ -359,17 +361,21 @@ class _Process:
             if tag == "ready":
                 self.ready = True
             elif tag == "add":
-                self._relay(att, msg[1], msg[2])
+                self._relay(att, msg[1], msg[2], msg[3])
             elif tag in ("over", "exit"):
                 return self._outcome(att, msg, token)
             else:  # pragma: no cover - both ends are this module
                 log.error("threadflow: unknown message %r from process %d", tag, self.pid)
                 return self._ended(att, None)
 
-    def _relay(self, att: Any, ids: list[str], datas: list[str]) -> None:
-        """Pass a chunk of children to the coordinator and the answer back to the process."""
+    def _relay(self, att: Any, ids: list[str], datas: list[str], final: bool) -> None:
+        """Pass a chunk of children to the coordinator and the answer back to the process.
+
+        With the process's own ``final`` flag: only its last chunk waits for a commit, as in a
+        thread.
+        """
         try:
-            _send_children(att, ids, datas)
+            _wait_children(att, _post_children(att, ids, datas, final))
         except BaseException as exc:
             self.send(("added", portable_error(exc)))
         else:
@@ -510,9 +516,9 @@ class _Link:
 
     def post(self, msg: tuple[Any, ...]) -> None:
         # children.py posts ("add", uid, ids, datas, reply, final) and waits on reply later.
-        _, _, ids, datas, reply, _final = msg
+        _, _, ids, datas, reply, final = msg
         self.replies.append(reply)
-        self.send(("add", ids, datas))
+        self.send(("add", ids, datas, final))
 
     def alive(self) -> bool:
         return self.thread.is_alive()
