@@ -13,6 +13,7 @@ EXPECTED_ALL = sorted(
         "CancelToken",
         "CancelledError",
         "DuplicateChildError",
+        "EncodeError",
         "EventStore",
         "Flow",
         "FlowDefinitionError",
@@ -80,6 +81,7 @@ def test_all_over_constant_is_the_seed_word():
         "AlreadyStarted",
         "FlowRunning",
         "DuplicateChildError",
+        "EncodeError",
         "ProcessDiedError",
     ],
 )

@@ -17,9 +17,9 @@ import warnings
 from types import MappingProxyType
 from typing import Any
 
+from ._encode import encode_result, error_data
 from .cancel import CancelToken, _local
 from .errors import ThreadflowError
-from .isolation import encode_result, error_data
 from .store import decode_id
 
 PICKLE = pickle.HIGHEST_PROTOCOL

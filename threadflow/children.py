@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from ._encode import dumps, safe_repr
 from .cancel import current_context
-from .errors import CancelledError
+from .errors import CancelledError, EncodeError
 
 #: Children are sent to the coordinator this many at a time.
 CHUNK = 250
@@ -31,14 +31,18 @@ def _valid_id(value: Any) -> bool:
 def encode_id(task: str, child_id: Any) -> str:
     """The canonical JSON text of a child id (``1``, ``1.0`` and ``True`` stay distinct).
 
-    :raises TypeError: naming the child, if the id is not a JSON scalar or a list of them.
+    :raises TypeError: naming the child, if the id is not a JSON scalar or a list of them
+        (:class:`EncodeError` if it is one JSON cannot hold: nan, an int too long to print).
     """
     if not _valid_id(child_id):
         raise TypeError(
-            f"task {task!r}: child id {child_id!r} is not a JSON scalar or a list of them; "
-            "use str, int, float, bool, None or a list/tuple of those"
+            f"task {task!r}: child id {safe_repr(child_id, 200)} is not a JSON scalar or a list "
+            "of them; use str, int, float, bool, None or a list/tuple of those"
         )
-    return json.dumps(child_id, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return dumps(child_id)
+    except EncodeError as exc:
+        raise EncodeError(f"task {task!r}: child id {safe_repr(child_id, 200)}: {exc}") from None
 
 
 def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
@@ -46,20 +50,26 @@ def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
         child_id, payload = item
     except (TypeError, ValueError):
         raise TypeError(
-            f"task {task!r}: each child must be a (child_id, payload) pair, got {item!r}"
+            f"task {task!r}: each child must be a (child_id, payload) pair, got "
+            f"{safe_repr(item, 200)}"
         ) from None
     # Plain ints are most ids: their JSON is their decimal text (bool is not an int here).
-    cid = str(child_id) if type(child_id) is int else encode_id(task, child_id)
+    cid = None
+    if type(child_id) is int:
+        try:
+            cid = str(child_id)
+        except ValueError:  # more than 4,300 digits: encode_id says so
+            pass
+    if cid is None:
+        cid = encode_id(task, child_id)
+    if payload is None:
+        return cid, '{"payload":null,"by":' + by + "}"
     try:
-        payload_json = (
-            "null"
-            if payload is None
-            else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        )
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"task {task!r}: child {child_id!r} has a payload that is not JSON-serialisable "
-            f"({exc}); pass plain data (dict, list, str, numbers, bool, None)"
+        payload_json = dumps(payload)
+    except EncodeError as exc:
+        raise EncodeError(
+            f"task {task!r}: the payload of child {safe_repr(child_id, 200)} cannot be stored: "
+            f"{exc}"
         ) from None
     return cid, '{"payload":' + payload_json + ',"by":' + by + "}"
 

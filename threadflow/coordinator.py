@@ -14,6 +14,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 
 from . import signals
 from ._clock import monotonic, utcnow, wall
+from ._encode import describe, error_data, error_json, safe_repr
 from .cancel import CancelToken
 from .errors import (
     CancelledError,
@@ -34,7 +36,7 @@ from .errors import (
     ThreadflowError,
 )
 from .executors import make_pools
-from .isolation import ThreadPool, error_data, run_attempt
+from .isolation import ThreadPool, run_attempt
 from .processes import ProcessPool
 from .result import RunHandle, RunResult
 from .store import HEARTBEAT, EventStore, Writer, decode_id
@@ -49,16 +51,8 @@ TURN = 0.005
 WINDOW = 512
 #: Seconds between looks for runs that other processes asked of a global server.
 POLL = 0.2
-
-
-def _brief(exc: BaseException) -> dict[str, str]:
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-    return {"type": name, "message": str(exc)}
+#: Longest single wait of the loop (a deadline further away is waited for in several).
+MAX_WAIT = 3600.0
 
 
 class _Run:
@@ -156,6 +150,7 @@ class _Attempt:
         "held",
         "abandoned",
         "returned",
+        "worker",
     )
 
     def __init__(
@@ -181,11 +176,17 @@ class _Attempt:
         self.held: list[list[int]] = []  # seq ranges of children this attempt added
         self.abandoned = False
         self.returned = False  # written once, by the worker, when user code has returned
+        self.worker: str | None = None  # name of the thread that runs it (set by that thread)
 
     def task(self) -> tuple[Any, ...]:
         if self.child_json is None:
             return (self.stage.name,)
         return (self.stage.name, decode_id(self.child_json))
+
+
+def _receiver_name(receiver: Any) -> str:
+    name = getattr(receiver, "__qualname__", None)
+    return name if isinstance(name, str) else safe_repr(receiver, 200)
 
 
 def _state_receiver(method: Callable[..., Any]) -> Callable[..., None]:
@@ -253,7 +254,10 @@ class Coordinator:
         self._sigs: list[tuple[Any, dict[str, Any]]] = []
         self._submit: list[_Attempt] = []
         self._replies: list[Any] = []
-        self._after: list[Callable[[], None]] = []
+        # Results decided this turn, delivered once their final event is committed.
+        self._after: list[tuple[RunHandle, RunResult]] = []
+        # Results whose final event is committed, being delivered (what _crash must not lose).
+        self._delivering: list[tuple[RunHandle, RunResult]] = []
         self._handlers: list[tuple[Any, Callable[..., None]]] = []
         self._host = socket.gethostname()
         name_ = server.name
@@ -281,6 +285,15 @@ class Coordinator:
     def _abandon(self, att: _Attempt) -> None:
         att.abandoned = True
         self._abandoned = (*self._abandoned, att)
+        log.warning(
+            "threadflow: abandoned task %r attempt %d of run %s: cancelled (%s) and still "
+            "running in thread %s; its outcome will be ignored",
+            att.task(),
+            att.number,
+            att.run.run_id,
+            att.token.reason,
+            att.worker or "(not started, or in a remote executor)",
+        )
         self._event(
             att.run.run_id, "abandoned", att.stage.name, att.child_json, att.number, att.ref
         )
@@ -352,6 +365,22 @@ class Coordinator:
             self._disconnect_handlers()
             with self.server._lock:
                 self.server._stopped = True
+                orphan = self.server._active
+            if orphan is not None and not orphan.done():
+                # A start or replay taken just before the server stopped (after a crash):
+                # nobody else will answer it.
+                self._deliver(
+                    orphan,
+                    RunResult(
+                        "interrupted",
+                        orphan.run_id,
+                        {},
+                        error=ThreadflowError(
+                            f"server {self.server.name!r} stopped before run {orphan.run_id} "
+                            "began; start it again on a new server"
+                        ),
+                    ),
+                )
             self.server._unregister()
 
     def _loop(self) -> None:
@@ -402,7 +431,8 @@ class Coordinator:
         if self.writer.in_transaction:
             commit_at = self.writer.opened + self.commit_every
             when = commit_at if when is None else min(when, commit_at)
-        return None if when is None else max(0.0, when - monotonic())
+        # Capped: a far deadline (a timeout of 1e10 s) would overflow the platform's wait.
+        return None if when is None else max(0.0, min(when - monotonic(), MAX_WAIT))
 
     def _tick(self) -> None:
         """Renew leases; answer runs that other processes asked of a global server."""
@@ -437,18 +467,67 @@ class Coordinator:
         self._on_start(handle, entrance)
 
     def _crash(self, exc: BaseException) -> None:
+        """The loop failed (a store fault, a bug): end every run it owed a result, in the store
+        when it can (``interrupted``, so that it can be replayed at once), and to its caller.
+
+        Results whose final event was committed are delivered as decided; any other run is
+        delivered ``interrupted`` with the failure as its error: its log ends where the last
+        commit left it, which is what a replay continues from.
+        """
+        what = describe(exc)
         error = ThreadflowError(
-            f"the coordinator of server {self.server.name!r} failed ({exc!r}); the run stays "
-            "unfinished in the store"
+            f"the coordinator of server {self.server.name!r} failed ({what['type']}: "
+            f"{what['message']}); the run is recorded interrupted: replay it once the cause is "
+            "fixed"
         )
-        for att in self.attempts.values():
+        error.__cause__ = exc
+        for att in (*self.attempts.values(), *self.cancelled.values()):
             att.token.cancel("stop")
+        if self.run is not None:
+            self._drain_standby(self.run)
         for reply in self._replies:
             reply.set(CancelledError("stop"))
-        run = self.run
-        if run is not None:
-            self.run = None
-            self._deliver(run.handle, RunResult("interrupted", run.run_id, run.state, error=error))
+        self._replies = []
+        durable, self._delivering = self._delivering, []
+        lost = [(handle, result.state, result.failed) for handle, result in self._after]
+        self._after = []
+        run, self.run = self.run, None
+        if run is not None and not any(handle is run.handle for handle, _, _ in lost):
+            lost.append((run.handle, run.state, run.failed))
+        self._record_crash([handle.run_id for handle, _, _ in lost], what)
+        for handle, result in durable:
+            self._deliver(handle, result)
+        for handle, state, failed in lost:
+            result = RunResult(
+                "interrupted", handle.run_id, state, error=error, failed=list(failed)
+            )
+            self._deliver(handle, result)
+
+    def _record_crash(self, run_ids: list[str], what: dict[str, str]) -> None:
+        """Best effort: roll back the failed transaction and mark the runs ``interrupted``.
+
+        If the store refuses even that (a full disk), the runs stay unfinished; their owner is
+        then taken for dead once this process exits or its lease (``LEASE``) runs out.
+        """
+        writer = self.writer
+        try:
+            writer.rollback()
+            data = json.dumps({"reason": "crash", "error": what})
+            ts = utcnow().isoformat()
+            for run_id in run_ids:
+                writer.interrupt_unfinished(run_id, ts, data)
+            writer.commit()
+        except BaseException:
+            log.error(
+                "threadflow: could not record runs %s as interrupted after the coordinator "
+                "failed; they can be replayed once this process has exited",
+                run_ids,
+                exc_info=True,
+            )
+            try:
+                writer.rollback()
+            except BaseException:  # pragma: no cover - a connection that is gone
+                pass
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -520,7 +599,7 @@ class Coordinator:
             return False
         # stop() came right behind this start: nothing ran, nothing is recorded.
         result = RunResult("interrupted", handle.run_id, state)
-        self._after.append(lambda: self._deliver(handle, result))
+        self._after.append((handle, result))
         return True
 
     def _on_start(self, handle: RunHandle, entrance: str) -> None:
@@ -754,7 +833,7 @@ class Coordinator:
             self._abandoned = tuple(a for a in self._abandoned if a is not att)
         outcome: dict[str, Any] = {"outcome": "over" if error is None else "exit"}
         if error is not None:
-            outcome["error"] = _brief(error)
+            outcome["error"] = describe(error)
         process = json.loads(data).get("process") if data else None
         if process is not None:  # a subprocess attempt: how its process ended (the kill)
             outcome["process"] = process
@@ -806,7 +885,7 @@ class Coordinator:
             try:
                 self._insert_children(att, ids, datas)
             except DuplicateChildError as exc:
-                self._on_done(uid, exc, None, json.dumps({"error": error_data(exc)}))
+                self._on_done(uid, exc, None, error_json(exc))
                 return
         self._on_done(uid, None, None, data)
 
@@ -849,18 +928,28 @@ class Coordinator:
             return False
         try:
             return bool(att.stage.spec.retries(error))
-        except Exception:
+        except BaseException:  # the user's predicate: it never ends the engine
             log.exception("threadflow: retry_on of task %r raised; not retrying", att.stage.name)
             return False
 
     def _delay(self, att: _Attempt) -> float:
         try:
-            return float(att.stage.spec.retry_delay(att.number))
-        except Exception:
-            log.exception(
-                "threadflow: task_retry_delay of %r raised; retrying at once", att.stage.name
+            delay = float(att.stage.spec.retry_delay(att.number))
+        except BaseException:  # the user's function: it never ends the engine
+            log.error(
+                "threadflow: task_retry_delay of %r raised; retrying at once",
+                att.stage.name,
+                exc_info=True,
             )
             return 0.0
+        if not math.isfinite(delay):  # an infinite delay would leave the run waiting for ever
+            log.error(
+                "threadflow: task_retry_delay of %r returned %r; retrying at once",
+                att.stage.name,
+                delay,
+            )
+            return 0.0
+        return delay
 
     def _failed(self, att: _Attempt, kind: str, error: BaseException, data: str | None) -> None:
         """An attempt ended by ``exit`` or ``timeout``: retry it, tolerate it, or fail the run."""
@@ -902,7 +991,7 @@ class Coordinator:
             att.child_json,
             att.number,
             att.ref,
-            json.dumps({"error": _brief(error), "tolerated": tolerated}),
+            json.dumps({"error": describe(error), "tolerated": tolerated}),
         )
         self._signal(signals.task_failed, run, att, att.number, error=error)
         if not tolerated:
@@ -953,7 +1042,7 @@ class Coordinator:
         data: dict[str, Any] = {"failed": [list(t) for t in run.failed]}
         if task is not None:
             data["task"] = list(task)
-            data["error"] = _brief(error) if error is not None else None
+            data["error"] = describe(error) if error is not None else None
         self._event(run.run_id, outcome, data=json.dumps(data))
         self.writer.run_ended(run.run_id, self._stamp(), outcome)
         if outcome == "all_over":
@@ -961,7 +1050,7 @@ class Coordinator:
         else:
             self._signal(signals.failed_over, run, task, None, error=error)
         result = RunResult(outcome, run.run_id, run.state, task, error, list(run.failed))
-        self._after.append(lambda: self._deliver(run.handle, result))
+        self._after.append((run.handle, result))
         self.run = None
 
     def _cancel(self, att: _Attempt, reason: str) -> None:
@@ -980,7 +1069,16 @@ class Coordinator:
 
     def _maybe_finish_stop(self) -> None:
         assert self._stop_at is not None
-        if self.attempts and monotonic() < self._stop_at:
+        # Wait (up to the stop's deadline) for current attempts, and for subprocess attempts
+        # cancelled earlier whose kill is under way: their stale record tells how the process
+        # ended, and they end within kill_grace.
+        if monotonic() < self._stop_at and (
+            self.attempts
+            or any(
+                att.stage.spec.isolation == "subprocess" and not att.abandoned
+                for att in self.cancelled.values()
+            )
+        ):
             return
         run = self.run
         if run is not None:
@@ -992,7 +1090,7 @@ class Coordinator:
             self._event(run.run_id, "interrupted", data=json.dumps({"reason": "stop"}))
             self.writer.run_ended(run.run_id, self._stamp(), "interrupted")
             result = RunResult("interrupted", run.run_id, run.state, None, None, list(run.failed))
-            self._after.append(lambda: self._deliver(run.handle, result))
+            self._after.append((run.handle, result))
             self.run = None
             self._flush()
         self._exit = True
@@ -1037,7 +1135,7 @@ class Coordinator:
         timeout = att.stage.spec.task_timeout
         error = TaskTimeout(att.task(), att.number, timeout)
         self._failed(
-            att, "timeout", error, json.dumps({"timeout": timeout, "error": _brief(error)})
+            att, "timeout", error, json.dumps({"timeout": timeout, "error": describe(error)})
         )
 
     # -- starting children ------------------------------------------------------------------
@@ -1124,6 +1222,8 @@ class Coordinator:
         ):
             writer.commit()
             self._commit_now = False
+            if self._after:  # their final events are on disk: a crash from here delivers them
+                self._delivering, self._after = self._after, []
         if self._sigs:
             sigs, self._sigs = self._sigs, []
             for sig, kwargs in sigs:
@@ -1149,24 +1249,22 @@ class Coordinator:
                 pool = stage.pool if att.child_json is not None else stage.parent_pool
                 try:
                     pool.submit(run_attempt, att)
-                except Exception as exc:  # e.g. a user executor that was shut down
-                    self.post(("done", att.uid, exc, None, json.dumps({"error": error_data(exc)})))
+                except BaseException as exc:  # e.g. a user executor that was shut down
+                    self.post(("done", att.uid, exc, None, error_json(exc)))
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:
                 reply.set()
-        if self._after:
-            after, self._after = self._after, []
-            for action in after:
-                action()
+        while self._delivering:
+            self._deliver(*self._delivering.pop(0))
 
     def _send(self, sig: Any, kwargs: dict[str, Any]) -> None:
         """Call each receiver; one that raises is logged and recorded, the others still run."""
         for receiver in sig.receivers_for(self.server):
             try:
                 receiver(self.server, **kwargs)
-            except Exception as exc:
-                log.exception("threadflow: a %s receiver raised", sig.name)
+            except BaseException as exc:  # SystemExit included: a receiver never ends the engine
+                log.error("threadflow: a %s receiver raised", sig.name, exc_info=True)
                 task = kwargs.get("task")
                 self._event(
                     kwargs["run_id"],
@@ -1176,10 +1274,10 @@ class Coordinator:
                         {
                             "signal": sig.name,
                             "task": list(task) if task else None,
-                            "receiver": getattr(receiver, "__qualname__", repr(receiver)),
+                            "receiver": _receiver_name(receiver),
                             "error": error_data(exc),
                         },
-                        default=repr,
+                        default=safe_repr,
                     ),
                 )
 
@@ -1194,5 +1292,5 @@ class Coordinator:
                 target.put(result)
             else:
                 target(result)
-        except Exception:
-            log.exception("threadflow: return_to raised for run %s", result.run_id)
+        except BaseException:  # the user's code: it never ends the engine
+            log.error("threadflow: return_to raised for run %s", result.run_id, exc_info=True)

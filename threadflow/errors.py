@@ -89,6 +89,16 @@ class DuplicateChildError(ThreadflowError):
         self.child_id = child_id
 
 
+class EncodeError(ThreadflowError, TypeError):
+    """A value cannot be stored in the event log as it is.
+
+    Raised for a child id, payload or return value that JSON cannot hold faithfully: a float
+    that is ``nan`` or infinite (not JSON), an int of more than 4,300 digits, a structure that
+    contains itself, or a type that is not plain data. The message names what and says what
+    to pass instead. It is a :class:`TypeError`, as documented for bad children.
+    """
+
+
 class TaskTimeout(ThreadflowError, TimeoutError):
     """An attempt ran past its ``task_timeout``; the error recorded for a timed-out attempt."""
 

@@ -13,6 +13,7 @@ import difflib
 import functools
 import graphlib
 import inspect
+import math
 import os
 import pickle
 import sys
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .cancel import current_context
 from .errors import (
     AlreadyStarted,
     FlowDefinitionError,
@@ -286,9 +288,9 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
             "or None for no limit"
         )
     delay = spec.task_retry_delay
-    if not callable(delay) and (not _is_number(delay) or not delay >= 0):
+    if not callable(delay) and (not _is_number(delay) or not 0 <= delay < math.inf):
         raise fail(
-            f"has task_retry_delay={delay!r}; use seconds >= 0 or a function(failed_attempt)"
+            f"has task_retry_delay={delay!r}; use finite seconds >= 0 or a function(failed_attempt)"
         )
     rule = spec.retry_on
     is_exc = isinstance(rule, type) and issubclass(rule, BaseException)
@@ -735,8 +737,10 @@ class Flow:
         """Stop the server: no new runs, running attempts cancelled, the run recorded interrupted.
 
         Waits up to ``stop_grace`` seconds (or half of ``timeout``) for running attempts to
-        return, records those that do not as abandoned, closes the store and returns within
-        ``timeout``. Idempotent; safe from a callback (it then does not wait).
+        return, records those that do not as abandoned (and logs a WARNING naming each),
+        closes the store and returns within ``timeout``. Idempotent. From a callback or from
+        inside a task of this server it returns at once and the stop goes on without it (a
+        task that calls it should then return: its token is cancelled).
         """
         with self._lock:
             first = not self._stopped
@@ -745,6 +749,11 @@ class Flow:
         if first:
             grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
             coord.post(("stop", grace))
+        ctx = current_context()
+        if getattr(ctx, "coord", None) is coord:
+            # From inside one of this server's attempts: waiting would wait for this very
+            # attempt. Return at once; the stop goes on (this attempt's token is cancelled).
+            return
         if threading.current_thread() is not coord.thread:
             coord.thread.join(timeout)
             if not coord.thread.is_alive():

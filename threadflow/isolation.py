@@ -12,35 +12,13 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 from ._clock import monotonic
+from ._encode import encode_result, error_json
 from .cancel import _local
 from .store import decode_id
-
-
-def error_data(exc: BaseException) -> dict[str, Any]:
-    """An exception as stored data: type, message and traceback text (never pickled)."""
-    kind = type(exc)
-    return {
-        "type": f"{kind.__module__}.{kind.__qualname__}"
-        if kind.__module__ != "builtins"
-        else kind.__qualname__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
-
-
-def encode_result(value: Any) -> str | None:
-    """A task's return value as the ``data`` of its ``task_over`` event."""
-    if value is None:
-        return None
-    try:
-        return '{"result":' + json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "}"
-    except (TypeError, ValueError):
-        return json.dumps({"result": None, "result_repr": repr(value)[:1000]})
 
 
 def run_attempt(att: Any) -> None:
@@ -55,13 +33,16 @@ def run_attempt(att: Any) -> None:
     thread drives it and posts its outcome the same way (it hands nothing over).
     """
     if att.stage.spec.isolation == "subprocess":
+        att.worker = threading.current_thread().name
         try:
             att.coord.procs.run(att)
         finally:
             att.returned = True
         return
     post = att.coord.post
+    worker = threading.current_thread().name
     while att is not None:
+        att.worker = worker
         _local.ctx = att
         try:
             spec = att.stage.spec
@@ -73,7 +54,7 @@ def run_attempt(att: Any) -> None:
             data = encode_result(value)
             error = None
         except BaseException as exc:  # the engine decides; a worker never raises
-            value, error, data = None, exc, json.dumps({"error": error_data(exc)})
+            value, error, data = None, exc, error_json(exc)
         finally:
             _local.ctx = None
             att.returned = True

@@ -26,6 +26,7 @@ from itertools import chain
 from typing import Any
 
 from ._clock import monotonic, wall
+from ._encode import safe_text
 from .errors import DuplicateChildError, StoreError
 
 log = logging.getLogger("threadflow")
@@ -323,7 +324,15 @@ class Writer:
         step = _ROWS_PER_INSERT
         for start in range(0, len(rows), step):
             group = rows[start : start + step]
-            execute(_insert_many(len(group)), list(chain.from_iterable(group)))
+            values = list(chain.from_iterable(group))
+            try:
+                execute(_insert_many(len(group)), values)
+            except UnicodeEncodeError:
+                # Text that is not UTF-8 (lone surrogates) got past the encoders: store it
+                # escaped rather than fail the whole turn. Nothing was inserted by the failed
+                # statement (it failed while binding).
+                values = [safe_text(v) if isinstance(v, str) else v for v in values]
+                execute(_insert_many(len(group)), values)
 
     def _append_numbered(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """As :meth:`append`; return the seq of the first row.
@@ -506,6 +515,25 @@ class Writer:
             "UPDATE requests SET status = ?, message = ? WHERE id = ?",
             (status, message, request_id),
         )
+
+    def rollback(self) -> None:
+        """Drop the open transaction, if any (after a failed write or commit)."""
+        self._in_tx = False
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def interrupt_unfinished(self, run_id: str, ended: str, data: str) -> bool:
+        """End run ``run_id`` ``interrupted`` if the store holds it unfinished; say if it did."""
+        self.begin()
+        cur = self.conn.execute(
+            "UPDATE runs SET ended = ?, outcome = 'interrupted' "
+            "WHERE run_id = ? AND outcome IS NULL",
+            (ended, run_id),
+        )
+        if cur.rowcount != 1:
+            return False
+        self.append([(run_id, ended, "interrupted", None, None, None, None, data)])
+        return True
 
     def run_ended(self, run_id: str, ended: str, outcome: str) -> None:
         self.begin()
