@@ -8,6 +8,7 @@ otherwise strips some escape sequences itself), and through ``python -m threadfl
 interpreter's own path and streams matter.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -241,3 +242,91 @@ def test_the_timeline_page_shows_control_characters_as_text(db):
     assert result.exit_code == 0, result.stderr
     assert_inert(result.stdout + result.stderr)
     assert "RuntimeError: \\x1b[2J\\x1b[31mpwned" in result.stdout
+
+
+# --- item: the timeline's default file name ---
+
+
+@pytest.fixture
+def plain_db(tmp_path):
+    """A store with one run whose texts are all plain (only its id will be forged)."""
+    from tests import cli_flows
+
+    path = str(tmp_path / "plain.db")
+    return path, cli_flows.Stages.run(store=path).run_id
+
+
+@pytest.mark.parametrize(
+    "forged", ["../../x", "..", "{tmp_path}/outside", "-rf", "CON", "a\x1b[2J/b"]
+)
+def test_timeline_default_file_stays_in_the_working_directory(
+    plain_db, tmp_path, monkeypatch, forged
+):
+    path, run_id = plain_db
+    forged = forged.format(tmp_path=tmp_path)  # an absolute path
+    forge_run_id(path, run_id, forged)
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    result = invoke("timeline", "--db", path, "--", forged)
+    assert result.exit_code == 0, result.stderr
+    assert_inert(result.stderr)
+    (page,) = tmp_path.rglob("*.html")
+    assert page.parent == here
+    digest = hashlib.sha256(forged.encode()).hexdigest()[:8]
+    assert re.fullmatch(rf"([A-Za-z0-9][A-Za-z0-9_-]*-)?(run-)?{digest}\.html", page.name)
+    assert result.stderr.startswith(f"wrote {page.name}: run ")
+
+
+def test_timeline_default_file_of_a_real_run_is_its_id(plain_db, tmp_path):
+    path, run_id = plain_db
+    result = invoke("timeline", run_id, "--db", path)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / f"{run_id}.html").is_file()
+
+
+# --- item: Mermaid labels ---
+
+MERMAID_LINE = re.compile(
+    r"    (?:"
+    r"(?P<id>[A-Za-z0-9_]+)(?P<open>\[\[|\[)\"(?P<label>(?:[^\"#\[\]{}<>|;\\\n]|#\d+;)*)\"(?:\]\]|\])"
+    r"|(?P<entrance>[A-Za-z0-9_]+)\(\(entrance\)\)"
+    r"|(?P<end>[A-Za-z0-9_]+)\(\[all_over\]\)"
+    r"|(?P<src>[A-Za-z0-9_]+) --> (?P<dst>[A-Za-z0-9_]+)"
+    r")"
+)
+
+
+def test_graph_mermaid_writes_any_task_name_as_a_valid_label(hostile):
+    result = invoke("graph", f"{FLOWS}:Hostile")
+    assert result.exit_code == 0, result.stderr
+    assert_inert(result.stdout)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "flowchart TD"
+    labels, declared, edges = {}, set(), []
+    for line in lines[1:]:
+        match = MERMAID_LINE.fullmatch(line)
+        assert match, f"not a statement of the flowchart subset threadflow writes: {line!r}"
+        if match["label"] is not None:
+            text = re.sub(r"#(\d+);", lambda m: chr(int(m[1])), match["label"])
+            labels[match["id"]] = text
+        node = match["id"] or match["entrance"] or match["end"]
+        if node:
+            declared.add(node)
+        else:
+            edges.append((match["src"], match["dst"]))
+    assert list(labels.values()) == [f"{hostile.HOSTILE_TASK} (children)"]
+    (task_id,) = labels
+    assert edges == [("entrance", task_id), (task_id, "all_over")]
+    assert {node for edge in edges for node in edge} <= declared
+
+
+def test_graph_dot_quotes_any_task_name(hostile):
+    result = invoke("graph", f"{FLOWS}:Hostile", "--dot")
+    assert result.exit_code == 0, result.stderr
+    assert_inert(result.stdout)
+    name = json.dumps(hostile.HOSTILE_TASK)
+    assert (
+        f"    {name} [peripheries=2, label={json.dumps(hostile.HOSTILE_TASK + ' (children)')}];"
+        in (result.stdout.splitlines())
+    )

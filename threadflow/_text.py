@@ -10,6 +10,7 @@ line the command line writes goes through :func:`printable`; JSON output goes th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -53,3 +54,25 @@ def json_text(value: Any, indent: int | None = None) -> str:
     """
     text = json.dumps(value, indent=indent, ensure_ascii=False, default=repr)
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+#: Characters kept in a file name made from a run id; the rest become ``_``.
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+#: Names Windows refuses for a file whatever its extension.
+_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{p}{n}" for p in ("COM", "LPT") for n in range(1, 10)]
+)
+
+
+def file_stem(name: str, limit: int = 64) -> str:
+    """A file name stem for ``name`` (a run id) that stays in the directory it is joined to.
+
+    A run id threadflow made (hex digits) is kept as it is. Anything else, such as a run id
+    written into the store by hand (``../../x``), keeps only letters, digits, ``_`` and
+    ``-``, and gets a hash of the whole id, so that two ids never share a file.
+    """
+    stem = _NAME_UNSAFE.sub("_", name).strip("_-")[:limit]
+    if stem == name and stem.upper() not in _RESERVED:
+        return stem
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem}-{digest}" if stem else f"run-{digest}"

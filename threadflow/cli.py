@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sqlite3
@@ -30,7 +31,7 @@ from typing import Any, NoReturn
 import click
 
 from . import timeline as _timeline
-from ._text import json_text, printable
+from ._text import file_stem, json_text, printable
 from .errors import StoreError, ThreadflowError
 from .flow import ALL_OVER, Flow, FlowDefinition
 from .store import SCHEMA_VERSION, Event, EventStore, RunInfo, default_path
@@ -842,13 +843,18 @@ _MERMAID_WORDS = frozenset(
 )
 
 
-def _node_ids(definition: FlowDefinition) -> tuple[dict[str, str], str, str]:
-    """Mermaid node ids of the tasks, the entrance marker and the end node, all distinct."""
+def _node_ids(definition: FlowDefinition, mermaid: bool) -> tuple[dict[str, str], str, str]:
+    """Node ids of the tasks, the entrance marker and the end node, all distinct.
+
+    DOT quotes its ids, so a task's id is its name. Mermaid's ids are bare words: a name that
+    is not one becomes letters, digits and ``_`` (its label keeps the name), and a name Mermaid
+    reads as a keyword gets a trailing ``_``.
+    """
     taken: set[str] = set()
 
-    def unique(base: str) -> str:
-        candidate = base
-        while candidate in taken or candidate.lower() in _MERMAID_WORDS:
+    def unique(name: str) -> str:
+        candidate = (_MERMAID_ID_UNSAFE.sub("_", name) or "task") if mermaid else name
+        while candidate in taken or (mermaid and candidate.lower() in _MERMAID_WORDS):
             candidate += "_"
         taken.add(candidate)
         return candidate
@@ -857,14 +863,30 @@ def _node_ids(definition: FlowDefinition) -> tuple[dict[str, str], str, str]:
     return ids, unique("entrance"), unique(ALL_OVER)
 
 
+_MERMAID_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+#: Characters a Mermaid label shows as they are; every other one is written as an entity code.
+_MERMAID_LABEL_SAFE = frozenset(" _-.,:/+=@!?'()")
+
+
+def _mermaid_label(text: str) -> str:
+    """``text`` as a quoted Mermaid label: quotes, brackets, ``#``, ``<``, line breaks and
+    control characters become entity codes (``#34;``), which Mermaid draws as the character,
+    so no task name can end the label or the statement."""
+    body = "".join(
+        c if (c.isalnum() and c.isprintable()) or c in _MERMAID_LABEL_SAFE else f"#{ord(c)};"
+        for c in text
+    )
+    return f'"{body}"'
+
+
 def _mermaid(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition)
+    ids, entrance, end = _node_ids(definition, mermaid=True)
     lines = ["flowchart TD", f"    {entrance}((entrance))"]
     for name, spec in definition.tasks.items():
         if spec.child_task_func is not None:
-            lines.append(f'    {ids[name]}[["{name} (children)"]]')
+            lines.append(f"    {ids[name]}[[{_mermaid_label(f'{name} (children)')}]]")
         else:
-            lines.append(f'    {ids[name]}["{name}"]')
+            lines.append(f"    {ids[name]}[{_mermaid_label(name)}]")
     lines.append(f"    {end}([{ALL_OVER}])")
     lines.append(f"    {entrance} --> {ids[definition.default_entrance]}")
     for name, spec in definition.tasks.items():
@@ -878,7 +900,7 @@ def _dot_id(name: str) -> str:
 
 
 def _dot(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition)
+    ids, entrance, end = _node_ids(definition, mermaid=False)
     lines = [
         f"digraph {_dot_id(definition.name)} {{",
         "    rankdir=TB;",
@@ -1301,7 +1323,8 @@ def run_command(
             except TimeoutError:
                 raise CLIError(
                     f"run {handle.run_id} did not report its end after the stop",
-                    f"see its state with: threadflow show {handle.run_id} --db {_quote(path)}",
+                    f"see its state with: threadflow show {_quote(handle.run_id)} "
+                    f"--db {_quote(path)}",
                 ) from None
         counts.count_children(result.run_id)
         view.draw(final=True)
@@ -1329,19 +1352,26 @@ def _report_result(
         if result.failed:
             _say(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
     replay_cmd = (
-        f"threadflow replay {result.run_id} --db {_quote(path)} --flow {_flow_arg(flow_cls)}"
+        f"threadflow replay {_quote(result.run_id)} --db {_quote(path)} "
+        f"--flow {_flow_arg(flow_cls)}"
     )
     if result.outcome == "failed_over":
         _say(f"fix the cause, then replay: {replay_cmd}", err=True)
         _say(
-            f"see where time went: threadflow timeline {result.run_id} --db {_quote(path)} "
-            f"-o {result.run_id}.html",
+            f"see where time went: threadflow timeline {_quote(result.run_id)} "
+            f"--db {_quote(path)} -o {_quote(_timeline_file(result.run_id))}",
             err=True,
         )
         sys.exit(EXIT_FAILED)
     if result.outcome == "interrupted":
         _say(f"replay it to go on: {replay_cmd}", err=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _timeline_file(run_id: str) -> str:
+    """``timeline``'s default output: ``RUN_ID.html`` in the working directory, whatever the
+    run id in the store says (a hand-written ``../../x`` is not a path)."""
+    return f"{file_stem(run_id)}.html"
 
 
 def _utcnow_iso() -> str:
@@ -1395,7 +1425,7 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
     if output == "-":
         click.echo(page, nl=False)
         return
-    target = output or f"{info.run_id}.html"
+    target = output or _timeline_file(info.run_id)
     try:
         Path(target).write_text(page, encoding="utf-8")
     except OSError as exc:
