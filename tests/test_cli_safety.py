@@ -330,3 +330,57 @@ def test_graph_dot_quotes_any_task_name(hostile):
         f"    {name} [peripheries=2, label={json.dumps(hostile.HOSTILE_TASK + ' (children)')}];"
         in (result.stdout.splitlines())
     )
+
+
+# --- item: a module in the working directory does not shadow installed packages ---
+
+DECOY = "raise RuntimeError('the decoy {name} in the working directory was imported')\n"
+JOBS = """
+import os
+
+from threadflow import ALL_OVER, Flow, task
+
+
+def libraries(state):
+    # In a worker process, which inherits the command's sys.path.
+    import click  # noqa: F401
+    import sqlite_utils  # noqa: F401
+
+
+class Jobs(Flow):
+    libraries = task(task_func=libraries, isolation="subprocess", next=ALL_OVER)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="subprocess isolation needs POSIX")
+@pytest.mark.parametrize("entry", ["python -m threadflow", "script"])
+def test_a_flow_module_here_does_not_let_files_here_shadow_installed_packages(tmp_path, entry):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("sqlite_utils", "click"):
+        (work / f"{name}.py").write_text(DECOY.format(name=name), encoding="utf-8")
+    (work / "myjobs.py").write_text(JOBS, encoding="utf-8")
+    if entry == "script":
+        # What the installed ``threadflow`` script does: its own directory first on sys.path.
+        script = tmp_path / "bin" / "threadflow_script.py"
+        script.parent.mkdir()
+        script.write_text(
+            "import sys\nfrom threadflow.cli import main\n"
+            "if __name__ == '__main__':\n    sys.exit(main())\n",
+            encoding="utf-8",
+        )
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-m", "threadflow"]
+    env = {k: v for k, v in os.environ.items() if k != "THREADFLOW_DB"}
+    done = subprocess.run(
+        [*command, "run", "myjobs:Jobs", "--db", "runs.db", "--json"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "decoy" not in done.stderr
+    assert json.loads(done.stdout)["outcome"] == "all_over"

@@ -708,7 +708,7 @@ def _flow_classes(module: Any) -> list[str]:
 
 class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.2 only
     """``module:Class``: a :class:`~threadflow.Flow` subclass, importable from the working
-    directory too (as ``python -m`` would)."""
+    directory too, which is searched after the installed packages."""
 
     name = "module:Class"
 
@@ -720,7 +720,10 @@ class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click 
             self.fail(f"{value!r} is not module:Class, e.g. myjobs:Nightly", param, ctx)
         cwd = os.getcwd()
         if cwd not in sys.path and "" not in sys.path:
-            sys.path.insert(0, cwd)
+            # Last, after the installed packages: a json.py or sqlite_utils.py lying in the
+            # working directory must not replace the library of that name, in this process or
+            # in the worker processes that inherit its path.
+            sys.path.append(cwd)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
