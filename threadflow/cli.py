@@ -8,12 +8,15 @@ failure (see :data:`EXIT_CODES`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import heapq
 import importlib
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import sqlite3
@@ -28,6 +31,7 @@ from typing import Any, NoReturn
 import click
 
 from . import timeline as _timeline
+from ._text import file_stem, json_text, printable
 from .errors import StoreError, ThreadflowError
 from .flow import ALL_OVER, Flow, FlowDefinition
 from .store import SCHEMA_VERSION, Event, EventStore, RunInfo, default_path
@@ -85,7 +89,8 @@ class CLIError(click.ClickException):
         self.hint = hint
 
     def format_message(self) -> str:
-        return f"{self.message}; {self.hint}" if self.hint else self.message
+        # Messages quote run ids, paths and errors that came from the store or from user code.
+        return printable(f"{self.message}; {self.hint}" if self.hint else self.message)
 
 
 _DB_HINT = "pass --db with the path of a threadflow store, or set $THREADFLOW_DB"
@@ -164,8 +169,11 @@ def _quote(path: str) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: str = "") -> list[str]:
-    """Plain aligned columns; columns whose index is in ``right`` are right-aligned."""
-    rows = list(rows)
+    """Plain aligned columns; columns whose index is in ``right`` are right-aligned.
+
+    Cells are made printable before they are measured, so the columns line up as shown.
+    """
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -218,7 +226,8 @@ def _human_duration(seconds: float | None) -> str:
 
 
 def _shorten(text: str, width: int = SUMMARY_WIDTH) -> str:
-    text = " ".join(text.split())
+    """One printable line of at most ``width`` characters (runs of white space become one)."""
+    text = printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -290,15 +299,54 @@ def _event_json(ev: Event) -> dict[str, Any]:
     return record
 
 
+def _say(line: str = "", err: bool = False) -> None:
+    """Print one line of human-readable output (stdout, or stderr for messages).
+
+    Every such line goes through here: whatever came from the store or from user code is shown
+    as text (``\\x1b[2J``), never acted on by the terminal.
+    """
+    click.echo(printable(line), err=err)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Python's default record format, made printable; tracebacks keep their lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), newlines=True)
+
+
+@contextlib.contextmanager
+def _printable_logs() -> Iterator[None]:
+    """While ``run`` or ``replay`` runs a flow, what the engine logs reaches stderr printable.
+
+    The engine logs what user code raised in a callback or a ``retry_on`` with its traceback.
+    With no logging set up, Python would print those records raw (``logging.lastResort``);
+    this handler prints the same records, at the same level, through :func:`printable`. A
+    program that set up logging for ``threadflow`` (or the root logger) keeps its own handlers.
+    """
+    logger = logging.getLogger("threadflow")
+    if logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler()  # sys.stderr as it is now (CliRunner replaces it)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_PrintableFormatter())
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=repr))
+    click.echo(json_text(value, indent=2))
 
 
 def _echo_json_stream(items: Iterable[Any]) -> None:
     """A JSON array written item by item, so a long log is never held whole."""
     first = True
     for item in items:
-        click.echo(("[\n  " if first else ",\n  ") + json.dumps(item, ensure_ascii=False), nl=False)
+        click.echo(("[\n  " if first else ",\n  ") + json_text(item), nl=False)
         first = False
     click.echo("[]" if first else "\n]")
 
@@ -338,11 +386,18 @@ def _db_path(db: str | None) -> str:
 
 
 class _Group(click.Group):
-    """Turns an unexpected SQLite error (a damaged or foreign store) into one clear line."""
+    """Turns an unexpected SQLite error (a damaged or foreign store) into one clear line, and
+    makes every error message printable before click shows it."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:
+            # A usage error can quote what a flow module raised on import, or an argument as
+            # given. click types the attribute Final; it is a plain one, set once here before
+            # the error is shown (CLIError makes its own message printable as well).
+            exc.message = printable(exc.message)  # type: ignore[misc]
+            raise
         except sqlite3.Error as exc:
             raise CLIError(
                 f"the store could not be read ({exc})",
@@ -422,7 +477,7 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
         return
     if not records:
         what = f" of flow {flow!r}" if flow else ""
-        click.echo(f"no runs{what} in {path!r}", err=True)
+        _say(f"no runs{what} in {path!r}", err=True)
         return
     rows = [
         (
@@ -438,7 +493,7 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
     ]
     headers = ("RUN", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "DONE", "FAILED")
     for line in _table(headers, rows, right="456"):
-        click.echo(line)
+        _say(line)
 
 
 # -- show ------------------------------------------------------------------------------------
@@ -453,14 +508,15 @@ def _events(store: EventStore, run_id: str, kinds: Sequence[str]) -> Iterator[Ev
 
 
 def _event_row(ev: Event) -> tuple[str, ...]:
+    """The cells of one event, printable (measured and printed as they are)."""
     return (
         str(ev.seq),
-        _short_ts(ev.ts, millis=True),
-        ev.kind,
-        ev.task or "-",
-        "-" if ev.child_id is None else _compact(_plain(ev.child_id)),
+        printable(_short_ts(ev.ts, millis=True)),
+        printable(ev.kind),
+        printable(ev.task or "-"),
+        "-" if ev.child_id is None else printable(_compact(_plain(ev.child_id))),
         "-" if ev.attempt is None else str(ev.attempt),
-        _summarize(ev),
+        _summarize(ev),  # printable already: _shorten
     )
 
 
@@ -480,12 +536,12 @@ def _print_events(store: EventStore, run_id: str, kinds: Sequence[str]) -> int:
         last = ev.seq
     if not last:
         return 0
-    click.echo(_line(EVENT_HEADERS, widths, "05"))
+    _say(_line(EVENT_HEADERS, widths, "05"))
     count = 0
     for ev in _events(store, run_id, kinds):
         if ev.seq > last:
             break
-        click.echo(_line(_event_row(ev), widths, "05"))
+        _say(_line(_event_row(ev), widths, "05"))
         count += 1
     return count
 
@@ -558,8 +614,8 @@ def _print_summary(record: dict[str, Any]) -> None:
         fields.append(("callback errors", str(record["callback_errors"])))
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
-        click.echo(f"{name + ':':<{width + 1}} {value}")
-    click.echo()
+        _say(f"{name + ':':<{width + 1}} {value}")
+    _say()
     headers = (
         "TASK",
         "ATTEMPTS",
@@ -586,7 +642,7 @@ def _print_summary(record: dict[str, Any]) -> None:
         for t in record["tasks"]
     ]
     for line in _table(headers, rows, right="1234567"):
-        click.echo(line)
+        _say(line)
 
 
 @cli.command()
@@ -618,7 +674,7 @@ def show(run: str, kinds: tuple[str, ...], summary: bool, db: str | None, as_jso
     info = _resolve(store, run)
     unknown = [k for k in kinds if k not in EVENT_KINDS]
     if unknown:
-        click.echo(
+        _say(
             f"warning: {', '.join(map(repr, unknown))} is not an event kind threadflow writes; "
             f"kinds are {', '.join(EVENT_KINDS)}",
             err=True,
@@ -634,7 +690,7 @@ def show(run: str, kinds: tuple[str, ...], summary: bool, db: str | None, as_jso
             _echo_json_stream(_event_json(ev) for ev in _events(store, info.run_id, kinds))
         elif not _print_events(store, info.run_id, kinds):
             what = f" of kind {', '.join(kinds)}" if kinds else ""
-            click.echo(f"run {info.run_id} has no events{what}", err=True)
+            _say(f"run {info.run_id} has no events{what}", err=True)
     except StoreError as exc:
         raise _store_error(exc) from None
 
@@ -652,7 +708,7 @@ def _flow_classes(module: Any) -> list[str]:
 
 class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click >= 8.2 only
     """``module:Class``: a :class:`~threadflow.Flow` subclass, importable from the working
-    directory too (as ``python -m`` would)."""
+    directory too, which is searched after the installed packages."""
 
     name = "module:Class"
 
@@ -664,7 +720,10 @@ class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click 
             self.fail(f"{value!r} is not module:Class, e.g. myjobs:Nightly", param, ctx)
         cwd = os.getcwd()
         if cwd not in sys.path and "" not in sys.path:
-            sys.path.insert(0, cwd)
+            # Last, after the installed packages: a json.py or sqlite_utils.py lying in the
+            # working directory must not replace the library of that name, in this process or
+            # in the worker processes that inherit its path.
+            sys.path.append(cwd)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
@@ -737,6 +796,7 @@ def _refused(message: str, hint: str | None = None) -> NoReturn:
 )
 @db_option
 @json_option
+@_printable_logs()
 def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> None:
     """Continue RUN (an id or unique prefix) from its log, with the flow --flow names.
 
@@ -767,7 +827,7 @@ def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> Non
         _refused(str(exc))  # ReplayError messages say what to do
     except KeyboardInterrupt:
         # Flow.replay stops its server on the way out, which records the run interrupted.
-        click.echo(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
+        _say(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
         sys.exit(EXIT_INTERRUPTED)
     # No duration: a replayed run keeps its first start time.
     _report_result(result, path, as_json, flow_cls, took=None)
@@ -786,13 +846,18 @@ _MERMAID_WORDS = frozenset(
 )
 
 
-def _node_ids(definition: FlowDefinition) -> tuple[dict[str, str], str, str]:
-    """Mermaid node ids of the tasks, the entrance marker and the end node, all distinct."""
+def _node_ids(definition: FlowDefinition, mermaid: bool) -> tuple[dict[str, str], str, str]:
+    """Node ids of the tasks, the entrance marker and the end node, all distinct.
+
+    DOT quotes its ids, so a task's id is its name. Mermaid's ids are bare words: a name that
+    is not one becomes letters, digits and ``_`` (its label keeps the name), and a name Mermaid
+    reads as a keyword gets a trailing ``_``.
+    """
     taken: set[str] = set()
 
-    def unique(base: str) -> str:
-        candidate = base
-        while candidate in taken or candidate.lower() in _MERMAID_WORDS:
+    def unique(name: str) -> str:
+        candidate = (_MERMAID_ID_UNSAFE.sub("_", name) or "task") if mermaid else name
+        while candidate in taken or (mermaid and candidate.lower() in _MERMAID_WORDS):
             candidate += "_"
         taken.add(candidate)
         return candidate
@@ -801,14 +866,30 @@ def _node_ids(definition: FlowDefinition) -> tuple[dict[str, str], str, str]:
     return ids, unique("entrance"), unique(ALL_OVER)
 
 
+_MERMAID_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+#: Characters a Mermaid label shows as they are; every other one is written as an entity code.
+_MERMAID_LABEL_SAFE = frozenset(" _-.,:/+=@!?'()")
+
+
+def _mermaid_label(text: str) -> str:
+    """``text`` as a quoted Mermaid label: quotes, brackets, ``#``, ``<``, line breaks and
+    control characters become entity codes (``#34;``), which Mermaid draws as the character,
+    so no task name can end the label or the statement."""
+    body = "".join(
+        c if (c.isalnum() and c.isprintable()) or c in _MERMAID_LABEL_SAFE else f"#{ord(c)};"
+        for c in text
+    )
+    return f'"{body}"'
+
+
 def _mermaid(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition)
+    ids, entrance, end = _node_ids(definition, mermaid=True)
     lines = ["flowchart TD", f"    {entrance}((entrance))"]
     for name, spec in definition.tasks.items():
         if spec.child_task_func is not None:
-            lines.append(f'    {ids[name]}[["{name} (children)"]]')
+            lines.append(f"    {ids[name]}[[{_mermaid_label(f'{name} (children)')}]]")
         else:
-            lines.append(f'    {ids[name]}["{name}"]')
+            lines.append(f"    {ids[name]}[{_mermaid_label(name)}]")
     lines.append(f"    {end}([{ALL_OVER}])")
     lines.append(f"    {entrance} --> {ids[definition.default_entrance]}")
     for name, spec in definition.tasks.items():
@@ -822,7 +903,7 @@ def _dot_id(name: str) -> str:
 
 
 def _dot(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition)
+    ids, entrance, end = _node_ids(definition, mermaid=False)
     lines = [
         f"digraph {_dot_id(definition.name)} {{",
         "    rankdir=TB;",
@@ -865,7 +946,7 @@ def graph(flow_cls: type[Flow], dot: bool, db: str | None) -> None:
     definition = flow_cls.definition
     assert definition is not None  # FlowClass refuses flows without tasks
     for line in _dot(definition) if dot else _mermaid(definition):
-        click.echo(line)
+        _say(line)
 
 
 # -- run ---------------------------------------------------------------------------------------
@@ -1059,7 +1140,7 @@ def _progress_line(stage: _StageCount, now: float, name_width: int = 12) -> str:
     """One stage's progress: a bar of children finished / added, rate, time, then troubles."""
     end = stage.ended if stage.ended is not None else now
     took = _human_duration(max(0.0, end - stage.started))
-    name = stage.name.ljust(name_width)
+    name = printable(stage.name).ljust(name_width)
     finished = stage.done + stage.failed
     troubles = _troubles(stage)
     if stage.total == 0 and finished == 0:
@@ -1114,7 +1195,7 @@ class _ProgressView:
             return
         now = time.monotonic()
         stages = self.progress.snapshot()
-        name_width = max([12, *(len(s.name) for s in stages)])
+        name_width = max([12, *(len(printable(s.name)) for s in stages)])
         width = self._width()
         out: list[str] = []
         if self.live and self._drawn:
@@ -1158,7 +1239,7 @@ def _stop(server: Flow) -> None:
             server.stop()
             return
         except KeyboardInterrupt:
-            click.echo("still stopping: waiting for running attempts to end", err=True)
+            _say("still stopping: waiting for running attempts to end", err=True)
 
 
 @cli.command(name="run")
@@ -1177,6 +1258,7 @@ def _stop(server: Flow) -> None:
 )
 @db_option
 @json_option
+@_printable_logs()
 def run_command(
     flow_cls: type[Flow],
     entrance: str | None,
@@ -1221,7 +1303,7 @@ def run_command(
     try:
         try:
             handle = server.start_flow(entrance=entrance)
-            click.echo(
+            _say(
                 f"run {handle.run_id}: {definition.name} started at "
                 f"{entrance or definition.default_entrance} (store {path})",
                 err=True,
@@ -1235,7 +1317,7 @@ def run_command(
                     view.draw()
         except KeyboardInterrupt:
             view.clear()
-            click.echo("interrupted: stopping the run (running attempts are cancelled)", err=True)
+            _say("interrupted: stopping the run (running attempts are cancelled)", err=True)
             _stop(server)
             if handle is None:  # Ctrl-C before the run was started: nothing to replay
                 sys.exit(EXIT_INTERRUPTED)
@@ -1244,7 +1326,8 @@ def run_command(
             except TimeoutError:
                 raise CLIError(
                     f"run {handle.run_id} did not report its end after the stop",
-                    f"see its state with: threadflow show {handle.run_id} --db {_quote(path)}",
+                    f"see its state with: threadflow show {_quote(handle.run_id)} "
+                    f"--db {_quote(path)}",
                 ) from None
         counts.count_children(result.run_id)
         view.draw(final=True)
@@ -1265,26 +1348,33 @@ def _report_result(
         _echo_json(record)
     else:
         ended = f"run {result.run_id}: {result.outcome}"
-        click.echo(ended if took is None else f"{ended} in {_human_duration(took)}")
+        _say(ended if took is None else f"{ended} in {_human_duration(took)}")
         if result.task is not None:
-            click.echo(f"failed task: {_task_text(record['task'])}")
-            click.echo(f"error: {_error_text(result.error)}")
+            _say(f"failed task: {_task_text(record['task'])}")
+            _say(f"error: {_error_text(result.error)}")
         if result.failed:
-            click.echo(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
+            _say(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
     replay_cmd = (
-        f"threadflow replay {result.run_id} --db {_quote(path)} --flow {_flow_arg(flow_cls)}"
+        f"threadflow replay {_quote(result.run_id)} --db {_quote(path)} "
+        f"--flow {_flow_arg(flow_cls)}"
     )
     if result.outcome == "failed_over":
-        click.echo(f"fix the cause, then replay: {replay_cmd}", err=True)
-        click.echo(
-            f"see where time went: threadflow timeline {result.run_id} --db {_quote(path)} "
-            f"-o {result.run_id}.html",
+        _say(f"fix the cause, then replay: {replay_cmd}", err=True)
+        _say(
+            f"see where time went: threadflow timeline {_quote(result.run_id)} "
+            f"--db {_quote(path)} -o {_quote(_timeline_file(result.run_id))}",
             err=True,
         )
         sys.exit(EXIT_FAILED)
     if result.outcome == "interrupted":
-        click.echo(f"replay it to go on: {replay_cmd}", err=True)
+        _say(f"replay it to go on: {replay_cmd}", err=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _timeline_file(run_id: str) -> str:
+    """``timeline``'s default output: ``RUN_ID.html`` in the working directory, whatever the
+    run id in the store says (a hand-written ``../../x`` is not a path)."""
+    return f"{file_stem(run_id)}.html"
 
 
 def _utcnow_iso() -> str:
@@ -1338,7 +1428,7 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
     if output == "-":
         click.echo(page, nl=False)
         return
-    target = output or f"{info.run_id}.html"
+    target = output or _timeline_file(info.run_id)
     try:
         Path(target).write_text(page, encoding="utf-8")
     except OSError as exc:
@@ -1348,7 +1438,7 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
     children = sum(1 for r in built.rows if not r.is_parent)
     hidden = sum(s.hidden_children for s in built.stages)
     more = f", {hidden} more summed up" if hidden else ""
-    click.echo(
+    _say(
         f"wrote {target}: run {info.run_id} ({built.status}), {len(built.stages)} tasks, "
         f"{children} children drawn{more}",
         err=True,

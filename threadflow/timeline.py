@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._text import printable
 from .history import FINAL_KINDS, RunHistory, fold
 from .store import Event, EventStore
 
@@ -584,7 +585,9 @@ def _active(tl: Timeline, a: float, b: float) -> float:
 
 
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Text from the log as HTML text: control characters shown as escapes (and a lone
+    surrogate, which cannot be written as UTF-8, as ``\\udcff``), lines kept."""
+    return html.escape(printable(str(text), newlines=True), quote=True)
 
 
 _CSS = """
