@@ -17,10 +17,9 @@ import warnings
 from types import MappingProxyType
 from typing import Any
 
-from ._encode import encode_result, error_data
 from .cancel import CancelToken, _local
 from .errors import ThreadflowError
-from .store import decode_id
+from .events import decode_id, encode_result, error_data
 
 PICKLE = pickle.HIGHEST_PROTOCOL
 #: Fields of a task that may hold functions; ``state["task_flow"]`` copies keep them if they

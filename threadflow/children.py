@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from ._encode import dumps, safe_repr
 from .cancel import current_context
 from .errors import CancelledError, EncodeError
+from .events import dumps, safe_repr
 
 #: Children are sent to the coordinator this many at a time.
 CHUNK = 250

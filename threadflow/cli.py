@@ -33,8 +33,9 @@ import click
 from . import timeline as _timeline
 from ._text import file_stem, json_text, printable
 from .errors import StoreError, ThreadflowError
+from .events import KINDS, Event
 from .flow import ALL_OVER, Flow, FlowDefinition
-from .store import SCHEMA_VERSION, Event, EventStore, RunInfo, default_path
+from .store import SCHEMA_VERSION, EventStore, RunInfo, default_path
 
 #: Exit codes of every command.
 EXIT_FAILED = 1
@@ -51,26 +52,7 @@ EXIT_CODES = (
 )
 
 #: Event kinds the engine writes (``--kind`` accepts others, with a warning).
-EVENT_KINDS = (
-    "flow_started",
-    "task_started",
-    "child_added",
-    "task_over",
-    "timeout",
-    "exit",
-    "retry",
-    "task_failed",
-    "children_discarded",
-    "children_released",
-    "task_all_over",
-    "all_over",
-    "failed_over",
-    "interrupted",
-    "replayed",
-    "abandoned",
-    "stale",
-    "callback_error",
-)
+EVENT_KINDS = KINDS
 
 #: Characters of an event's data summary shown by ``show`` (``--json`` gives all of it).
 SUMMARY_WIDTH = 72

@@ -26,7 +26,6 @@ from typing import Any
 
 from . import signals
 from ._clock import monotonic, utcnow, wall
-from ._encode import describe, error_data, error_json, safe_repr
 from .cancel import CancelToken
 from .errors import (
     CancelledError,
@@ -35,11 +34,12 @@ from .errors import (
     TaskTimeout,
     ThreadflowError,
 )
+from .events import decode_id, describe, error_data, error_json, safe_repr
 from .executors import make_pools
 from .isolation import ThreadPool, run_attempt
 from .processes import ProcessPool
 from .result import RunHandle, RunResult
-from .store import HEARTBEAT, EventStore, Writer, decode_id
+from .store import HEARTBEAT, EventStore, Writer
 
 log = logging.getLogger("threadflow")
 

@@ -34,12 +34,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._clock import monotonic
-from ._encode import error_data
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, ThreadflowError
+from .events import decode_id, error_data
 from .isolation import ThreadPool
-from .store import decode_id
 
 log = logging.getLogger("threadflow")
 

@@ -14,10 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import Event, _to_tuple
-
-#: Event kinds that end a run segment.
-FINAL_KINDS = ("all_over", "failed_over", "interrupted")
+from .events import FINAL_KINDS, Event, _to_tuple
 
 
 @dataclass

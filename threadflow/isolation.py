@@ -16,9 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._clock import monotonic
-from ._encode import encode_result, error_json
 from .cancel import _local
-from .store import decode_id
+from .events import decode_id, encode_result, error_json
 
 
 def run_attempt(att: Any) -> None:

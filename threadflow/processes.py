@@ -46,12 +46,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ._clock import monotonic
-from ._encode import error_data
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
 from .cancel import CancelToken
 from .children import _post as _post_children
 from .children import _wait as _wait_children
 from .errors import CancelledError, ProcessDiedError, _signal_name
+from .events import error_data
 
 log = logging.getLogger("threadflow")
 

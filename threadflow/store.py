@@ -26,8 +26,8 @@ from itertools import chain
 from typing import Any
 
 from ._clock import monotonic, wall
-from ._encode import safe_text
 from .errors import DuplicateChildError, StoreError
+from .events import Event, decode_id, safe_text
 
 log = logging.getLogger("threadflow")
 
@@ -57,30 +57,6 @@ def _insert_many(n: int) -> str:
 def default_path() -> str:
     """``$THREADFLOW_DB`` if set, else ``threadflow.db`` in the working directory."""
     return os.environ.get("THREADFLOW_DB") or "threadflow.db"
-
-
-def _to_tuple(value: Any) -> Any:
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def decode_id(text: str | None) -> Any:
-    """A stored child id as Python: JSON lists become (hashable) tuples."""
-    return None if text is None else _to_tuple(json.loads(text))
-
-
-@dataclass(frozen=True)
-class Event:
-    """One row of the event log, decoded."""
-
-    seq: int
-    run_id: str
-    ts: str
-    kind: str
-    task: str | None
-    child_id: Any
-    attempt: int | None
-    ref: int | None
-    data: dict[str, Any] | None
 
 
 #: Seconds between two WAL checkpoints of a server's store.

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._text import printable
-from .history import FINAL_KINDS, RunHistory, fold
-from .store import Event, EventStore
+from .events import FINAL_KINDS, Event
+from .history import RunHistory, fold
+from .store import EventStore
 
 #: Child rows drawn one by one, at most (the rest are summed up in one row per task).
 MAX_ROWS = 300

@@ -1,7 +1,12 @@
-"""How user data becomes the text of an event: JSON that SQLite accepts, errors that never raise.
+"""The event vocabulary: what the log records, which signal each moment fires, and how user
+data becomes the text of an event.
 
-Everything a user hands the engine (child ids, payloads, return values, exceptions, receivers)
-passes through here before it reaches the store, so this is where hostile values are tamed:
+Every row of the ``events`` table has a ``kind`` from :data:`KINDS`; the constants below are the
+only spelling of them in the engine. :data:`SIGNAL_OF` says which blinker signal fires for a kind
+once it is committed.
+
+Encoding: everything a user hands the engine (child ids, payloads, return values, exceptions,
+receivers) passes through here before it reaches the store, where hostile values are tamed:
 
 * text with lone surrogates (what ``os.listdir`` returns for a name that is not UTF-8) is
   stored losslessly as ``\\udcXX`` escapes, which ``json.loads`` turns back into the same text;
@@ -16,9 +21,98 @@ from __future__ import annotations
 import json
 import re
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import EncodeError
+
+# -- kinds -----------------------------------------------------------------------------------
+
+FLOW_STARTED = "flow_started"  #: a run starts: flow, entrance, server, pid, host, definition
+TASK_STARTED = "task_started"  #: an attempt starts
+CHILD_ADDED = "child_added"  #: a child is added (attempt = the adder's): payload, by
+TASK_OVER = "task_over"  #: an attempt returned: result
+CHILDREN_RELEASED = "children_released"  #: a success's children may run: ranges
+EXIT = "exit"  #: an attempt raised: error
+TIMEOUT = "timeout"  #: an attempt passed its deadline: timeout, error
+RETRY = "retry"  #: another attempt is scheduled: delay, next_attempt
+TASK_FAILED = "task_failed"  #: a task or child used up its attempts: error, tolerated
+CHILDREN_DISCARDED = "children_discarded"  #: a failed attempt's children dropped: count
+TASK_ALL_OVER = "task_all_over"  #: a stage and all its children are done: done, failed
+ALL_OVER = "all_over"  #: the run ended, every branch over: failed
+FAILED_OVER = "failed_over"  #: the run failed: task, error, failed
+INTERRUPTED = "interrupted"  #: stop() or a coordinator failure ended the run: reason, error
+REPLAYED = "replayed"  #: a replay starts a new segment: segment, previous_outcome, server, pid
+ABANDONED = "abandoned"  #: a cancelled attempt did not return in time
+STALE = "stale"  #: an outcome of an attempt no longer current: outcome, error, process
+CALLBACK_ERROR = "callback_error"  #: a receiver raised: signal, task, receiver, error
+
+#: Every kind the engine writes, in the order of a run's life.
+KINDS = (
+    FLOW_STARTED,
+    TASK_STARTED,
+    CHILD_ADDED,
+    TASK_OVER,
+    TIMEOUT,
+    EXIT,
+    RETRY,
+    TASK_FAILED,
+    CHILDREN_DISCARDED,
+    CHILDREN_RELEASED,
+    TASK_ALL_OVER,
+    ALL_OVER,
+    FAILED_OVER,
+    INTERRUPTED,
+    REPLAYED,
+    ABANDONED,
+    STALE,
+    CALLBACK_ERROR,
+)
+#: Kinds that end a run segment.
+FINAL_KINDS = (ALL_OVER, FAILED_OVER, INTERRUPTED)
+
+#: The signal (by name, in :mod:`threadflow.signals`) sent once an event of this kind is
+#: committed. Kinds not listed fire no signal.
+SIGNAL_OF = {
+    FLOW_STARTED: "start_flow",
+    REPLAYED: "start_flow",
+    TASK_STARTED: "task_start",
+    TASK_OVER: "task_over",
+    TASK_ALL_OVER: "task_all_over",
+    TASK_FAILED: "task_failed",
+    TIMEOUT: "task_timeout",
+    EXIT: "task_exit",
+    RETRY: "task_retry",
+    ALL_OVER: "all_over",
+    FAILED_OVER: "failed_over",
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of the event log, decoded."""
+
+    seq: int
+    run_id: str
+    ts: str
+    kind: str
+    task: str | None
+    child_id: Any
+    attempt: int | None
+    ref: int | None
+    data: dict[str, Any] | None
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def decode_id(text: str | None) -> Any:
+    """A stored child id as Python: JSON lists become (hashable) tuples."""
+    return None if text is None else _to_tuple(json.loads(text))
+
+
+# -- encoding --------------------------------------------------------------------------------
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 # Escapes every non-ASCII character, lone surrogates included: valid UTF-8 whatever the text.
