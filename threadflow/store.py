@@ -20,6 +20,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -173,8 +174,7 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
         if not write and version != SCHEMA_VERSION:
             raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
         if write:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -187,10 +187,67 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
     return conn
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the file (BUSY or LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "is locked" in str(exc)
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, retrying for up to the busy timeout while others hold it.
+
+    Changing the journal mode needs the file to itself, and SQLite answers that request with
+    SQLITE_BUSY at once, without the busy timeout: this happens whenever several processes
+    open the same new store together. Once a file is in WAL it stays so, and this is a read.
+    """
+    deadline = monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or monotonic() + pause > deadline:
+                raise
+        # Not an Event to wait on: the other holder is another process. Backing off from 1 ms
+        # to 50 ms keeps a crowd of starters from retrying in step.
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables and indexes if missing (idempotent, safe against a concurrent creator)."""
+    """Create the tables and indexes if missing (idempotent, safe against concurrent creators).
+
+    The schema is made in one ``BEGIN IMMEDIATE`` transaction: it takes the write lock up front,
+    waiting on the busy timeout. Statements in autocommit mode (or a deferred transaction)
+    read before they write, and SQLite refuses at once, without waiting, the write of a reader
+    whose snapshot another process has changed meanwhile: several processes creating one new
+    store used to fail with ``database is locked`` that way. The version is read again under
+    the lock, so only the first of them creates the tables.
+    """
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            _create_schema(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The tables and indexes, in the caller's write transaction.
+
+    sqlite-utils nests its own writes (its probe for STRICT support) in savepoints of that
+    transaction; under our write lock that probe cannot be refused by another writer.
+    """
     # Imported here: it is most of the cost of importing threadflow, which every subprocess
     # worker pays at start, and only creating a store needs it.
     import sqlite_utils
@@ -269,7 +326,6 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if_not_exists=True,
         strict=True,
     )
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 class Writer:
