@@ -3,6 +3,7 @@ error under normal load").
 """
 
 import multiprocessing
+import sqlite3
 
 from store_flows import GUARD, create_and_run
 
@@ -34,3 +35,15 @@ def test_processes_creating_the_same_new_store_at_once_all_start_and_run(tmp_pat
 
     assert not failed, f"{len(failed)} of {len(got)} starts failed; the first:\n{failed[0]}"
     assert [process.exitcode for process in processes] == [0] * PROCESSES
+    if sqlite3.sqlite_version_info >= (3, 37):
+        # One creator made each schema, whole: no table lost its STRICT typing to the race.
+        loose = [path for path in paths if not all(sql.endswith("STRICT") for sql in tables(path))]
+        assert not loose, f"tables without STRICT in {loose}"
+
+
+def tables(path):
+    conn = sqlite3.connect(path)
+    try:
+        return [row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE type='table'")]
+    finally:
+        conn.close()
