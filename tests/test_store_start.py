@@ -1,11 +1,14 @@
 """Opening a store at start: concurrent creation (API.md section 6, "never a database is locked
-error under normal load").
+error under normal load"), and the permissions of the files it creates.
 """
 
 import multiprocessing
+import os
 import sqlite3
+import stat
 
-from store_flows import GUARD, create_and_run
+import pytest
+from store_flows import GUARD, Tiny, create_and_run
 
 #: Processes that create the same new store at once, and how many new stores they create.
 PROCESSES = 8
@@ -47,3 +50,78 @@ def tables(path):
         return [row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE type='table'")]
     finally:
         conn.close()
+
+
+# --- permissions of the files ------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, under which SQLite alone creates files that every user may read."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes(path):
+    """Permissions of the store file and of its -wal and -shm files, as octal strings."""
+    return {
+        os.path.basename(name): oct(stat.S_IMODE(os.stat(name).st_mode))
+        for name in (path, path + "-wal", path + "-shm")
+    }
+
+
+def run_and_look(flow, path):
+    """Run ``flow`` once on ``path`` and return the modes while the server still has it open."""
+    with flow.start_link(store=path) as server:
+        assert server.start_flow().result(GUARD).outcome == "all_over"
+        return modes(path)
+
+
+class Shared(Tiny, server_name="store-shared"):
+    store_mode = 0o640
+
+
+class GroupWrites(Tiny, server_name="store-group-writes"):
+    store_mode = 0o660
+
+
+def test_a_new_store_and_its_wal_and_shm_files_are_readable_by_their_owner_only(
+    store_path, umask_022
+):
+    assert run_and_look(Tiny, store_path) == {
+        "runs.db": "0o600",
+        "runs.db-wal": "0o600",
+        "runs.db-shm": "0o600",
+    }
+
+
+@pytest.mark.parametrize(("flow", "mode"), [(Shared, "0o640"), (GroupWrites, "0o660")])
+def test_store_mode_sets_the_permissions_of_a_new_store_as_given(store_path, umask_022, flow, mode):
+    # 0o660 is not cut to 0o640 by the umask: a group that is meant to write can.
+    assert run_and_look(flow, store_path) == {
+        "runs.db": mode,
+        "runs.db-wal": mode,
+        "runs.db-shm": mode,
+    }
+
+
+def test_an_existing_store_keeps_its_permissions(store_path, umask_022):
+    run_and_look(Shared, store_path)
+    assert stat.S_IMODE(os.stat(store_path).st_mode) == 0o640  # -wal and -shm went with close
+
+    assert set(run_and_look(Tiny, store_path).values()) == {"0o640"}
+
+
+@pytest.mark.parametrize("bad", [0o1000, -1, "0o600", 1.5, True], ids=repr)
+def test_a_store_mode_that_is_not_a_permission_mode_is_refused_before_any_file_is_made(
+    tmp_path, bad
+):
+    class Bad(Tiny, server_name="store-bad-mode"):
+        store_mode = bad
+
+    with pytest.raises(ValueError, match=r"store_mode=.* is not a file permission mode; use"):
+        Bad.start_link(store=str(tmp_path / "runs.db"))
+
+    assert os.listdir(tmp_path) == []
+    assert Bad.whereis("store-bad-mode") is None

@@ -34,6 +34,11 @@ log = logging.getLogger("threadflow")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
+#: Permissions of a store file that threadflow creates. The log holds payloads, results and
+#: tracebacks: only its owner may read it. SQLite gives the ``-wal`` and ``-shm`` files beside it
+#: the same permissions.
+FILE_MODE = 0o600
+
 #: Column order of a row handed to :meth:`Writer.append`.
 EVENT_COLUMNS = ("run_id", "ts", "kind", "task", "child_id", "attempt", "ref", "data")
 _ROWS_PER_INSERT = 128
@@ -137,24 +142,61 @@ class RunInfo:
         return "running" if owner_alive(self.pid, self.host, self.heartbeat) else "interrupted"
 
 
-def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
-    """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
+def create_file(path: str, mode: int = FILE_MODE) -> None:
+    """Create the store file ``path``, empty, with permissions ``mode``, unless it exists.
 
-    A writer (``write=True``) switches the file to WAL. A reader changes nothing, and accepts
-    only a threadflow store: it never touches another application's database.
+    SQLite would create it with the umask's permissions, 0o644 under the usual 022: readable
+    by every local user. ``mode`` is applied as given (the umask does not take bits from it),
+    so that a group may be given access with 0o640 or 0o660. An empty file is a new database
+    to SQLite. A file that exists keeps its permissions.
 
-    :raises StoreError: if the file is not a SQLite database, was written by a newer
-        threadflow, or (for a reader) is not a threadflow store.
+    :raises ValueError: if ``mode`` is not a permission mode (an int from 0 to 0o777).
+    :raises StoreError: if the directory is missing or the file cannot be created there.
     """
-    if not write and not os.path.exists(path):
-        raise StoreError(path, f"there is no store at {path!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(
+            f"store_mode={mode!r} is not a file permission mode; use an octal number such as "
+            f"0o{FILE_MODE:o} (the owner only) or 0o640 (the owner's group may read)"
+        )
     folder = os.path.dirname(os.path.abspath(path))
-    if write and not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         raise StoreError(
             path,
             f"cannot create the store {path!r}: the directory {folder!r} does not exist",
             "create the directory first, or point store= at an existing one",
         )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:  # an existing store, or another process created it just now
+        return
+    except OSError as exc:
+        raise StoreError(
+            path,
+            f"cannot create the store {path!r} in {folder!r}: {exc.strerror or exc}",
+            "make the directory writable for this user, or point store= at a writable place",
+        ) from exc
+    try:
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where modes mean little
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
+    """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
+
+    A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
+    to WAL. A reader changes nothing, and accepts only a threadflow store: it never touches
+    another application's database.
+
+    :raises StoreError: if the file is not a SQLite database, was written by a newer
+        threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
+        created.
+    """
+    if not write and not os.path.exists(path):
+        raise StoreError(path, f"there is no store at {path!r}")
+    if write:
+        create_file(path)
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512
