@@ -1,14 +1,23 @@
 """Opening a store at start: concurrent creation (API.md section 6, "never a database is locked
-error under normal load"), and the permissions of the files it creates.
+error under normal load"), stores that cannot be written or are corrupt, and the permissions of
+the files it creates.
 """
 
 import multiprocessing
 import os
+import random
+import re
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 
 import pytest
-from store_flows import GUARD, Tiny, create_and_run
+import store_flows
+from store_flows import GUARD, Filler, Tiny, create_and_run
+
+from threadflow import StoreError
 
 #: Processes that create the same new store at once, and how many new stores they create.
 PROCESSES = 8
@@ -50,6 +59,117 @@ def tables(path):
         return [row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE type='table'")]
     finally:
         conn.close()
+
+
+# --- stores that cannot be written, or are corrupt ----------------------------------------------
+
+
+def snapshot(path):
+    """The file's bytes (None if missing) and the names in its directory."""
+    folder = os.path.dirname(path)
+    if not os.path.exists(path):
+        return None, sorted(os.listdir(folder))
+    with open(path, "rb") as f:
+        return f.read(), sorted(os.listdir(folder))
+
+
+def bound_by_permissions():
+    """The command that runs a child process to which file permissions apply.
+
+    Root writes any file whatever its mode (the CAP_DAC_OVERRIDE capability), so a read-only
+    store would prove nothing run as root. As root the child runs under util-linux's setpriv
+    without that capability: the kernel then refuses its writes as it would a user's.
+    """
+    if not hasattr(os, "geteuid"):
+        pytest.skip("file permissions are POSIX ones")
+    if os.geteuid() != 0:
+        return [sys.executable]
+    setpriv = shutil.which("setpriv")
+    drop = ["--inh-caps=-dac_override", "--bounding-set=-dac_override"]
+    if setpriv is None or subprocess.run([setpriv, *drop, "true"]).returncode != 0:
+        pytest.skip("run as root, which may write read-only files, and setpriv cannot drop that")
+    return [setpriv, *drop, sys.executable]
+
+
+def read_only_file(folder):
+    path = str(folder / "runs.db")
+    assert store_flows.start_once(path) == "all_over"
+    os.chmod(path, 0o444)
+    return path, r"this process cannot write the store '{path}' \(Permission denied\)"
+
+
+def store_in_read_only_directory(folder):
+    path = str(folder / "runs.db")
+    assert store_flows.start_once(path) == "all_over"
+    os.chmod(folder, 0o555)
+    return path, r"this process cannot write the store '{path}' \(attempt to write a readonly "
+
+
+def new_store_in_read_only_directory(folder):
+    os.chmod(folder, 0o555)
+    return str(folder / "runs.db"), r"cannot create the store '{path}' in '{folder}': "
+
+
+@pytest.mark.parametrize(
+    "make",
+    [read_only_file, store_in_read_only_directory, new_store_in_read_only_directory],
+    ids=lambda make: make.__name__,
+)
+def test_a_store_this_process_cannot_write_is_refused_at_start_and_left_as_it_was(tmp_path, make):
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    path, expected = make(folder)
+    before = snapshot(path)
+    try:
+        said = subprocess.run(
+            [*bound_by_permissions(), store_flows.__file__, path],
+            capture_output=True,
+            text=True,
+            timeout=GUARD,
+        )
+    finally:
+        os.chmod(folder, 0o755)  # so that tmp_path can be removed
+
+    assert said.returncode == 0, said.stderr
+    message = said.stdout.strip()
+    assert message.startswith("StoreError: "), message
+    assert re.search(expected.format(path=re.escape(path), folder=re.escape(str(folder))), message)
+    assert "writable" in message or "write access" in message, f"no advice in: {message}"
+    assert snapshot(path) == before
+
+
+def test_a_store_with_a_corrupt_page_is_refused_at_start_and_left_as_it_was(store_path):
+    assert Filler.run(store=store_path, children=2000).outcome == "all_over"
+    page_size = pragma(store_path, "page_size")
+    with open(store_path, "r+b") as f:
+        f.seek(pragma(store_path, "page_count") // 2 * page_size)  # a page of the log's table
+        f.write(random.Random(5).randbytes(page_size))
+    assert quick_check(store_path) != "ok", "the test did not break the store"
+    before = snapshot(store_path)
+
+    with pytest.raises(StoreError, match=r"is corrupt; SQLite's quick_check found: ") as caught:
+        Tiny.start_link(store=store_path)
+
+    assert store_path in str(caught.value)
+    assert "restore it from a backup" in str(caught.value)
+    assert snapshot(store_path) == before
+    assert Tiny.whereis("store-tiny") is None
+
+
+def pragma(path, name):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def quick_check(path):
+    """SQLite's own verdict on the file: ``"ok"``, or what is wrong."""
+    try:
+        return pragma(path, "quick_check")
+    except sqlite3.DatabaseError as exc:  # a page too broken to walk
+        return str(exc)
 
 
 # --- permissions of the files ------------------------------------------------------------------
