@@ -43,6 +43,9 @@ def test_processes_creating_the_same_new_store_at_once_all_start_and_run(tmp_pat
     finally:
         for process in processes:
             process.join(GUARD)
+            if process.is_alive():  # stuck: do not leave it behind the test
+                process.kill()
+                process.join()
     failed = [f"{path}: {outcome}" for path, outcome in got if outcome != "all_over"]
 
     assert not failed, f"{len(failed)} of {len(got)} starts failed; the first:\n{failed[0]}"
