@@ -121,7 +121,7 @@ class ReplayError(ThreadflowError):
 
 
 class StoreError(ThreadflowError):
-    """The event store cannot be opened or used (not SQLite, corrupt, newer schema).
+    """The event store cannot be opened or used (not SQLite, corrupt, read-only, newer schema).
 
     :ivar path: the store file.
     :ivar reason: what is wrong with it.

@@ -480,7 +480,8 @@ class Flow:
     before its process group is killed; at most half of ``abandon_grace``), ``fsync`` (True:
     ``synchronous=FULL``, every commit survives a power loss), ``commit_every`` (seconds the log
     may group the commits of finished children; 0 commits every coordinator turn; see
-    docs/replay.md for what a crash can then re-run).
+    docs/replay.md for what a crash can then re-run), ``store_mode`` (permissions of a store
+    file that ``start_link`` creates, 0o600 by default: the owner only).
 
     Callbacks (``handle_*``) run on the coordinator thread, one at a time, after their event is
     committed; they may change ``state`` in place and should not block.
@@ -493,6 +494,7 @@ class Flow:
     kill_grace: ClassVar[float] = 0.2
     fsync: ClassVar[bool] = False
     commit_every: ClassVar[float] = 0.02
+    store_mode: ClassVar[int] = 0o600
     _server_name: ClassVar[Any] = None
     # Set on each server by start_link().
     _name: Any
@@ -538,8 +540,8 @@ class Flow:
     ) -> Flow:
         """Start a server: its coordinator thread opens the store and waits for runs.
 
-        :param store: SQLite file (created if missing); default ``$THREADFLOW_DB`` or
-            ``threadflow.db`` in the working directory.
+        :param store: SQLite file (created if missing, with the class's ``store_mode``);
+            default ``$THREADFLOW_DB`` or ``threadflow.db`` in the working directory.
         :param return_to: a queue (anything with ``.put``) or a callable that receives the
             :class:`RunResult` of every run, on the coordinator thread.
         :param executor: a :class:`concurrent.futures.Executor` to run attempts in (default: the
@@ -551,14 +553,14 @@ class Flow:
             ``task(executor="name")`` or ``task(child_executor="name")``.
         :param extra_state: entries put into every run's state.
         :raises AlreadyStarted: if a server with this name is running.
-        :raises StoreError: if the store cannot be opened.
+        :raises StoreError: if the store cannot be created, written or opened, or is corrupt.
         :raises TypeError: for an executor without ``submit()``.
-        :raises ValueError: for a task that names an executor not in ``executors``, or a task
-            with ``isolation="subprocess"`` in a remote executor.
+        :raises ValueError: for a task that names an executor not in ``executors``, a task
+            with ``isolation="subprocess"`` in a remote executor, or a bad ``store_mode``.
         """
         from .coordinator import Coordinator
         from .executors import resolve
-        from .store import default_path
+        from .store import create_file, default_path
 
         definition = cls.definition
         if definition is None:
@@ -590,6 +592,9 @@ class Flow:
                 raise AlreadyStarted(name, running)
             _registry[name] = self
         try:
+            # Here, not in the coordinator's writer (which creates a missing file with the
+            # default mode): the mode is the class's.
+            create_file(path, cls.store_mode)
             self._coord = Coordinator(self, definition, path, return_to, placed, extra_state)
             self._coord.start()
         except BaseException:

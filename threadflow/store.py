@@ -13,6 +13,7 @@ Only JSON is stored: opening a store never unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -33,6 +35,11 @@ log = logging.getLogger("threadflow")
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
+
+#: Permissions of a store file that threadflow creates. The log holds payloads, results and
+#: tracebacks: only its owner may read it. SQLite gives the ``-wal`` and ``-shm`` files beside it
+#: the same permissions.
+FILE_MODE = 0o600
 
 #: Column order of a row handed to :meth:`Writer.append`.
 EVENT_COLUMNS = ("run_id", "ts", "kind", "task", "child_id", "attempt", "ref", "data")
@@ -113,24 +120,77 @@ class RunInfo:
         return "running" if owner_alive(self.pid, self.host, self.heartbeat) else "interrupted"
 
 
-def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
-    """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
+def create_file(path: str, mode: int = FILE_MODE) -> None:
+    """Create the store file ``path``, empty, with permissions ``mode``, unless it exists.
 
-    A writer (``write=True``) switches the file to WAL. A reader changes nothing, and accepts
-    only a threadflow store: it never touches another application's database.
+    SQLite would create it with the umask's permissions, 0o644 under the usual 022: readable
+    by every local user. ``mode`` is applied as given (the umask does not take bits from it),
+    so that a group may be given access with 0o640 or 0o660. An empty file is a new database
+    to SQLite. A file that exists keeps its permissions, and must open for writing.
 
-    :raises StoreError: if the file is not a SQLite database, was written by a newer
-        threadflow, or (for a reader) is not a threadflow store.
+    :raises ValueError: if ``mode`` is not a permission mode (an int from 0 to 0o777).
+    :raises StoreError: if the directory is missing, the file cannot be created there, or it
+        exists and this process may not write it.
     """
-    if not write and not os.path.exists(path):
-        raise StoreError(path, f"there is no store at {path!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(
+            f"store_mode={mode!r} is not a file permission mode; use an octal number such as "
+            f"0o{FILE_MODE:o} (the owner only) or 0o640 (the owner's group may read)"
+        )
     folder = os.path.dirname(os.path.abspath(path))
-    if write and not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         raise StoreError(
             path,
             f"cannot create the store {path!r}: the directory {folder!r} does not exist",
             "create the directory first, or point store= at an existing one",
         )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:  # an existing store, or another process created it just now
+        _check_writable(path)
+        return
+    except OSError as exc:
+        raise StoreError(
+            path,
+            f"cannot create the store {path!r} in {folder!r}: {exc.strerror or exc}",
+            "make the directory writable for this user, or point store= at a writable place",
+        ) from exc
+    try:
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where modes mean little
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a file this process may not write, before SQLite opens it.
+
+    SQLite would open it read-only without an error, and leave ``-wal`` and ``-shm`` files
+    that it cannot remove beside it. Opening it for writing asks the system itself, which
+    knows about ACLs, read-only mounts and root. Other errors are left to SQLite to tell.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            raise _not_writable(path, exc.strerror or str(exc)) from exc
+
+
+def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
+    """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
+
+    A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
+    to WAL. A reader changes nothing, and accepts only a threadflow store: it never touches
+    another application's database.
+
+    :raises StoreError: if the file is not a SQLite database, was written by a newer
+        threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
+        created.
+    """
+    if not write and not os.path.exists(path):
+        raise StoreError(path, f"there is no store at {path!r}")
+    if write:
+        create_file(path)
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512
@@ -150,11 +210,12 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
         if not write and version != SCHEMA_VERSION:
             raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
         if write:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
             conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if _read_only(exc):
+            raise _not_writable(path, str(exc)) from exc
         raise StoreError(
             path, f"the store {path!r} is not a usable SQLite database ({exc})"
         ) from exc
@@ -164,10 +225,137 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
     return conn
 
 
+def _read_only(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused to write: the file, or its directory (for ``-wal``), is read-only."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_READONLY
+    return "readonly database" in str(exc)
+
+
+def _not_writable(path: str, why: str) -> StoreError:
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    return StoreError(
+        path,
+        f"this process cannot write the store {path!r} ({why})",
+        f"give this user write access to the file and to its directory {folder!r} (SQLite "
+        f"writes {name}-wal and {name}-shm there), or point store= at another file",
+    )
+
+
+#: Problems of a corrupt store that :func:`check_store` names at most (``quick_check(N)``: N
+#: bounds the report, not the work, which is a read of the whole file).
+_PROBLEMS_SHOWN = 3
+
+
+def check_store(conn: sqlite3.Connection, path: str) -> None:
+    """Refuse, at start, a store this process cannot write or whose pages are corrupt.
+
+    Otherwise SQLite opens a file it may not write read-only, without an error (even
+    ``BEGIN IMMEDIATE`` passes): ``start_link`` succeeded and the first write of the first run
+    failed in the coordinator. :func:`create_file` refuses most such files before SQLite opens
+    them; SQLite's own answer here covers the rest. And runs went on writing into a file with
+    broken pages until a read stumbled on them, maybe in a replay.
+
+    ``PRAGMA quick_check`` reads every page of the file once (it leaves out only the
+    cross-check of indexes against their tables that ``integrity_check`` adds), so its cost
+    grows with the store: with the file in the page cache, about 0.1 s for a log of 100,000
+    children (48 MB) and 0.6 to 0.9 s for a million (490 MB); from disk, the time to read the
+    file. It runs once per server start, not per run.
+
+    :raises StoreError: if the file is corrupt or cannot be written.
+    :raises sqlite3.OperationalError: if another writer held the lock for the busy timeout.
+    """
+    try:
+        problems = [row[0] for row in conn.execute(f"PRAGMA quick_check({_PROBLEMS_SHOWN})")]
+    except sqlite3.DatabaseError as exc:  # a page too broken to walk
+        if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+            raise
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        raise StoreError(
+            path,
+            f"the store {path!r} is corrupt; SQLite's quick_check found: " + "; ".join(problems),
+            f"restore it from a backup, or save what is readable with `sqlite3 {path} .recover "
+            "| sqlite3 recovered.db` and point store= at the recovered file",
+        )
+    # Rewriting the version with its own value is a real write of page 1, refused by SQLite if
+    # the file is read-only; it is rolled back, so the file stays byte for byte as it was.
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(f"PRAGMA user_version = {version}")
+    except sqlite3.OperationalError as exc:
+        if _read_only(exc):
+            raise _not_writable(path, str(exc)) from exc
+        raise
+    finally:
+        if conn.in_transaction:  # SQLite ends it by itself after some errors
+            conn.execute("ROLLBACK")
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the file (BUSY or LOCKED)."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "is locked" in str(exc)
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, retrying for up to the busy timeout while others hold it.
+
+    Changing the journal mode needs the file to itself, and SQLite answers that request with
+    SQLITE_BUSY at once, without the busy timeout: this happens whenever several processes
+    open the same new store together. Once a file is in WAL it stays so, and this is a read.
+    """
+    deadline = monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or monotonic() + pause > deadline:
+                raise
+        # Not an Event to wait on: the other holder is another process. Backing off from 1 ms
+        # to 50 ms keeps a crowd of starters from retrying in step.
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables and indexes if missing (idempotent, safe against a concurrent creator)."""
+    """Create the tables and indexes if missing (idempotent, safe against concurrent creators).
+
+    The schema is made in one ``BEGIN IMMEDIATE`` transaction: it takes the write lock up front,
+    waiting on the busy timeout. Statements in autocommit mode (or a deferred transaction)
+    read before they write, and SQLite refuses at once, without waiting, the write of a reader
+    whose snapshot another process has changed meanwhile: several processes creating one new
+    store used to fail with ``database is locked`` that way. The version is read again under
+    the lock, so only the first of them creates the tables.
+    """
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
         return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            _create_schema(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The tables and indexes, in the caller's write transaction.
+
+    sqlite-utils nests its own writes (its probe for STRICT support) in savepoints of that
+    transaction; under our write lock that probe cannot be refused by another writer.
+    """
     # Imported here: it is most of the cost of importing threadflow, which every subprocess
     # worker pays at start, and only creating a store needs it.
     import sqlite_utils
@@ -246,7 +434,6 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if_not_exists=True,
         strict=True,
     )
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 class Writer:
@@ -260,10 +447,13 @@ class Writer:
         self.path = path
         self.conn = connect(path, fsync=fsync)
         try:
+            check_store(self.conn, path)
             ensure_schema(self.conn)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             self.conn.close()
-            raise StoreError(path, f"cannot set up the store {path!r}: {exc}") from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(path, f"cannot set up the store {path!r}: {exc}") from exc
+            raise
         self._in_tx = False
         #: When the open transaction began (real monotonic seconds).
         self.opened = 0.0
