@@ -35,7 +35,7 @@ from ._text import file_stem, json_text, printable
 from .errors import StoreError, ThreadflowError
 from .events import KINDS, Event
 from .flow import ALL_OVER, Flow, FlowDefinition
-from .store import SCHEMA_VERSION, EventStore, RunInfo, default_path
+from .store import FILE_MODE, SCHEMA_VERSION, EventStore, RunInfo, default_path
 
 #: Exit codes of every command.
 EXIT_FAILED = 1
@@ -1412,7 +1412,11 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
         return
     target = output or _timeline_file(info.run_id)
     try:
-        Path(target).write_text(page, encoding="utf-8")
+        # Created owner-only like the store: the page holds payloads and tracebacks. An existing
+        # file keeps its permissions.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as out:
+            out.write(page)
     except OSError as exc:
         raise CLIError(
             f"cannot write {target!r} ({exc.strerror or exc})", "pass -o with a writable path"
