@@ -13,6 +13,7 @@ Only JSON is stored: opening a store never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -310,6 +311,33 @@ class Writer:
             self._in_tx = False
             self.conn.execute("COMMIT")
             self.checkpointer.poke()
+
+    @contextlib.contextmanager
+    def undo_on_error(self, name: str) -> Iterator[None]:
+        """Run a block's writes under the savepoint ``name``: if the block raises, they are
+        undone and the rest of the transaction stays.
+
+        If SQLite itself rolled back the whole transaction (a ``RAISE(ROLLBACK)`` trigger, some
+        I/O errors), there is no savepoint left to go back to: the transaction is over, and
+        writes made earlier in it are lost too.
+        """
+        self.begin()
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+            else:
+                self._in_tx = False
+            raise
+        self.conn.execute(f"RELEASE {name}")
+
+    def run_exists(self, run_id: str) -> bool:
+        """Whether the store has a run ``run_id`` (this transaction's new runs included)."""
+        row = self.conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None
 
     def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert event rows (see :data:`EVENT_COLUMNS`), in order.
