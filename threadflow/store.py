@@ -520,8 +520,12 @@ class Writer:
         self.begin()
         self.conn.execute("DELETE FROM servers WHERE name = ? AND pid = ?", (name, pid))
 
-    def pending_requests(self, name: str) -> list[tuple[int, str | None, str]]:
-        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``."""
+    def pending_requests(self, name: str) -> list[tuple[int, Any, Any]]:
+        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``.
+
+        As stored, unchecked: anyone who can write the file can insert a row, and a table not
+        made by threadflow may hold any type (see ``remote.check_request``).
+        """
         return self.conn.execute(
             "SELECT id, entrance, run_id FROM requests WHERE server = ? AND status = 'pending' "
             "ORDER BY id",
