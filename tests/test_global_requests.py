@@ -185,3 +185,45 @@ def test_a_request_the_store_fails_to_start_is_refused_and_the_owner_keeps_servi
 
     assert f"threadflow: refused request {request} for ('global', 'g'): " in log
     assert "coordinator of" not in log  # it did not fail
+
+
+def logged(child, text):
+    """Wait until the child's log (its stderr) holds ``text``; return the log."""
+    deadline = monotonic() + ANSWER_GUARD
+    while text not in (log := child.stderr()):
+        assert monotonic() < deadline, f"the owner never logged {text!r}; its log:\n{log}"
+        threading.Event().wait(POLL)
+    return log
+
+
+@pytest.mark.parametrize("undo", ["ABORT", "ROLLBACK"])
+def test_a_request_the_store_will_not_let_the_owner_answer_stays_pending_and_harmless(
+    tmp_path, store_path, undo
+):
+    with owner(tmp_path, store_path) as other:
+        conn = sqlite3.connect(store_path, isolation_level=None, timeout=GUARD)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            request = conn.execute(
+                "INSERT INTO requests (server, run_id, status, created) "
+                "VALUES ('g', 'unanswered01', 'pending', ?)",
+                (wall(),),
+            ).lastrowid
+            conn.execute(
+                f"CREATE TRIGGER no_answer BEFORE UPDATE ON requests WHEN NEW.id = {request} "
+                f"BEGIN SELECT RAISE({undo}, 'this request is read-only'); END"
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+        log = logged(other, f"threadflow: could not answer request {request} ")
+
+        assert "this request is read-only" in log
+        serves_a_legitimate_run(store_path)
+        # Its run was started, then undone with the answer that could not be written.
+        assert "unanswered01" not in [run.run_id for run in EventStore(store_path).runs()]
+        assert EventStore(store_path).events("unanswered01") == []
+        log = other.stderr()
+
+    assert "coordinator of" not in log  # it did not fail

@@ -436,15 +436,16 @@ class Coordinator:
             handle = self.server._take_slot(run_id, utcnow())
         except FlowRunning as busy:
             message = json.dumps({"run_id": busy.run_id, "start_time": busy.start_time.isoformat()})
-            self.writer.answer_request(request_id, "refused", message)
+            self._answer_refused(request_id, message)
             return
         except ThreadflowError as exc:  # stopped
-            self.writer.answer_request(request_id, "refused", str(exc))
+            self._answer_refused(request_id, str(exc))
             return
         marks = len(self._rows), len(self._sigs), len(self._submit)
         try:
             with self.writer.undo_on_error("request"):
                 self._on_start(handle, entrance)
+                self.writer.answer_request(request_id, "started", None)
         except Exception as exc:
             # Forget the half-started run: its writes are undone, and nothing of it ran
             # (attempts reach workers, and signals receivers, only in _flush).
@@ -455,8 +456,6 @@ class Coordinator:
             self.server._run_ended(handle)
             what = "the store" if isinstance(exc, sqlite3.Error) else "threadflow"
             self._refuse_request(request_id, f"{what} failed to start the run: {exc!r}", exc)
-            return
-        self.writer.answer_request(request_id, "started", None)
 
     def _refuse_request(
         self, request_id: int, reason: str, error: BaseException | None = None
@@ -468,7 +467,21 @@ class Coordinator:
             reason,
             exc_info=error,
         )
-        self.writer.answer_request(request_id, "refused", reason)
+        self._answer_refused(request_id, reason)
+
+    def _answer_refused(self, request_id: int, message: str) -> None:
+        """Write a refusal; if the store refuses even that, the request stays pending (and is
+        seen again at the next look) rather than fail this coordinator."""
+        try:
+            with self.writer.undo_on_error("answer"):
+                self.writer.answer_request(request_id, "refused", message)
+        except sqlite3.Error:
+            log.warning(
+                "threadflow: could not answer request %s for %r; it stays pending",
+                request_id,
+                self.server.name,
+                exc_info=True,
+            )
 
     def _crash(self, exc: BaseException) -> None:
         error = ThreadflowError(
