@@ -3,24 +3,24 @@ keeps serving (docs/store.md, "Who may write the store").
 
 Anyone who can write the store file can insert ``requests`` rows. The owner is a real process
 (``crash_child.py own``); the forged rows are inserted with ``sqlite3`` by this test, as any
-other tool could. Every wait is on the answer row, with a guard against hangs.
+other tool could. Every wait is for the answer row (or the owner's log line), with a guard
+against hangs.
 """
 
 import sqlite3
-import threading
 
 import pytest
 from crash_child import Child
+from helpers import wait_until
 from replay_flows import GlobalWork
 
 from threadflow import EventStore, results
-from threadflow._clock import monotonic, wall
+from threadflow._clock import wall
 
 GUARD = 30.0  # seconds; a hang guard, never a synchronisation
 #: Seconds the owner gets to answer a request: what an asking process waits (remote.py).
 ANSWER_GUARD = 10.0
 NAME = ("global", "g")
-POLL = 0.02  # seconds between two looks at the answer rows
 
 
 def owner(tmp_path, store_path):
@@ -55,21 +55,22 @@ def forge(store_path, rows, server="g"):
 
 def answers(store_path, ids):
     """``{id: (status, message)}`` once the owner has answered every request of ``ids``."""
-    conn = sqlite3.connect(store_path, isolation_level=None, timeout=GUARD)
-    deadline = monotonic() + ANSWER_GUARD
-    try:
-        while True:
-            marks = ",".join("?" * len(ids))
+    marks = ",".join("?" * len(ids))
+    got = {}
+
+    def answered():
+        conn = sqlite3.connect(store_path, timeout=GUARD)
+        try:
             rows = conn.execute(
                 f"SELECT id, status, message FROM requests WHERE id IN ({marks})", ids
             ).fetchall()
-            got = {i: (status, message) for i, status, message in rows}
-            if all(status != "pending" for status, _ in got.values()):
-                return got
-            assert monotonic() < deadline, f"requests still pending after {ANSWER_GUARD} s: {got}"
-            threading.Event().wait(POLL)
-    finally:
-        conn.close()
+        finally:
+            conn.close()
+        got.update({i: (status, message) for i, status, message in rows})
+        return all(status != "pending" for status, _ in got.values())
+
+    assert wait_until(answered, ANSWER_GUARD), f"requests pending after {ANSWER_GUARD} s: {got}"
+    return got
 
 
 def execute(store_path, *statements):
@@ -189,11 +190,10 @@ def test_a_request_the_store_fails_to_start_is_refused_and_the_owner_keeps_servi
 
 def logged(child, text):
     """Wait until the child's log (its stderr) holds ``text``; return the log."""
-    deadline = monotonic() + ANSWER_GUARD
-    while text not in (log := child.stderr()):
-        assert monotonic() < deadline, f"the owner never logged {text!r}; its log:\n{log}"
-        threading.Event().wait(POLL)
-    return log
+    assert wait_until(lambda: text in child.stderr(), ANSWER_GUARD), (
+        f"the owner never logged {text!r}; its log:\n{child.stderr()}"
+    )
+    return child.stderr()
 
 
 @pytest.mark.parametrize("undo", ["ABORT", "ROLLBACK"])
