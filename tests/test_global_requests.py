@@ -8,6 +8,7 @@ against hangs.
 """
 
 import sqlite3
+import time
 
 import pytest
 from crash_child import Child
@@ -15,7 +16,6 @@ from helpers import wait_until
 from replay_flows import GlobalWork
 
 from threadflow import EventStore, results
-from threadflow._clock import wall
 
 GUARD = 30.0  # seconds; a hang guard, never a synchronisation
 #: Seconds the owner gets to answer a request: what an asking process waits (remote.py).
@@ -43,7 +43,7 @@ def forge(store_path, rows, server="g"):
             conn.execute(
                 "INSERT INTO requests (server, entrance, run_id, status, created) "
                 "VALUES (?, ?, ?, 'pending', ?)",
-                (server, entrance, run_id, wall()),
+                (server, entrance, run_id, time.time()),
             ).lastrowid
             for entrance, run_id in rows
         ]
@@ -207,7 +207,7 @@ def test_a_request_the_store_will_not_let_the_owner_answer_stays_pending_and_har
             request = conn.execute(
                 "INSERT INTO requests (server, run_id, status, created) "
                 "VALUES ('g', 'unanswered01', 'pending', ?)",
-                (wall(),),
+                (time.time(),),
             ).lastrowid
             conn.execute(
                 f"CREATE TRIGGER no_answer BEFORE UPDATE ON requests WHEN NEW.id = {request} "
