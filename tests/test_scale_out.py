@@ -334,6 +334,26 @@ def test_a_lambda_child_in_a_process_pool_is_a_clear_exit_error(process_pool, st
     assert exit_.data["error"]["type"] == "threadflow.errors.ThreadflowError"
 
 
+def test_a_child_function_that_refuses_pickling_in_a_process_pool_is_a_clear_exit_error(
+    process_pool, store_path
+):
+    class Bound(Flow):
+        fan = task(
+            task_func=tasks.add_numbers,
+            child_task_func=tasks.BoundToThisProcess(),
+            child_executor="procs",
+            task_retry_limit=1,
+            next=ALL_OVER,
+        )
+
+    res = Bound.run(store=store_path, executors={"procs": process_pool}, n=1)
+
+    assert res.outcome == "failed_over"
+    assert isinstance(res.error, ThreadflowError)
+    assert "could not send the attempt to its workers" in str(res.error)
+    assert "stays in the process that made it" in str(res.error)
+
+
 class Replayed(Flow):
     fan = task(
         task_func=tasks.add_numbers,

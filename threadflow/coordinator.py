@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import socket
+import sqlite3
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from .events import decode_id, describe, error_data, error_json, safe_repr
 from .executors import make_pools
 from .isolation import ThreadPool, run_attempt
 from .processes import ProcessPool
+from .remote import check_request
 from .result import RunHandle, RunResult
 from .store import HEARTBEAT, EventStore, Writer
 
@@ -446,25 +448,70 @@ class Coordinator:
             for request_id, entrance, run_id in self.writer.pending_requests(self._global):
                 self._on_request(request_id, entrance, run_id)
 
-    def _on_request(self, request_id: int, entrance: str | None, run_id: str) -> None:
-        d = self.definition
-        entrance = entrance or d.default_entrance
-        if entrance not in d.tasks:
-            self.writer.answer_request(
-                request_id, "refused", f"flow {d.name!r} has no task {entrance!r}"
-            )
+    def _on_request(self, request_id: int, entrance: object, run_id: object) -> None:
+        """Start the run another process asked for, or refuse it with a reason.
+
+        The row comes from a table anyone who can write the store may fill: it is checked
+        before anything acts on it, and a request that cannot be started (bad values, the store
+        refusing the run's writes) is refused and logged, never fatal to this coordinator.
+        """
+        try:
+            run_id, entrance = check_request(self.definition, entrance, run_id)
+            if self.writer.run_exists(run_id):
+                raise ValueError(f"the run id {run_id!r} is already used by a run in this store")
+        except ValueError as bad:
+            self._refuse_request(request_id, str(bad))
             return
         try:
             handle = self.server._take_slot(run_id, utcnow())
         except FlowRunning as busy:
             message = json.dumps({"run_id": busy.run_id, "start_time": busy.start_time.isoformat()})
-            self.writer.answer_request(request_id, "refused", message)
+            self._answer_refused(request_id, message)
             return
         except ThreadflowError as exc:  # stopped
-            self.writer.answer_request(request_id, "refused", str(exc))
+            self._answer_refused(request_id, str(exc))
             return
-        self.writer.answer_request(request_id, "started", None)
-        self._on_start(handle, entrance)
+        marks = len(self._rows), len(self._sigs), len(self._submit)
+        try:
+            with self.writer.undo_on_error("request"):
+                self._on_start(handle, entrance)
+                self.writer.answer_request(request_id, "started", None)
+        except Exception as exc:
+            # Forget the half-started run: its writes are undone, and nothing of it ran
+            # (attempts reach workers, and signals receivers, only in _flush).
+            run, self.run = self.run, None  # the slot was free: no other run is going
+            for uid in [uid for uid, att in self.attempts.items() if att.run is run]:
+                del self.attempts[uid]
+            del self._rows[marks[0] :], self._sigs[marks[1] :], self._submit[marks[2] :]
+            self.server._run_ended(handle)
+            what = "the store" if isinstance(exc, sqlite3.Error) else "threadflow"
+            self._refuse_request(request_id, f"{what} failed to start the run: {exc!r}", exc)
+
+    def _refuse_request(
+        self, request_id: int, reason: str, error: BaseException | None = None
+    ) -> None:
+        log.warning(
+            "threadflow: refused request %s for %r: %s",
+            request_id,
+            self.server.name,
+            reason,
+            exc_info=error,
+        )
+        self._answer_refused(request_id, reason)
+
+    def _answer_refused(self, request_id: int, message: str) -> None:
+        """Write a refusal; if the store refuses even that, the request stays pending (and is
+        seen again at the next look) rather than fail this coordinator."""
+        try:
+            with self.writer.undo_on_error("answer"):
+                self.writer.answer_request(request_id, "refused", message)
+        except sqlite3.Error:
+            log.warning(
+                "threadflow: could not answer request %s for %r; it stays pending",
+                request_id,
+                self.server.name,
+                exc_info=True,
+            )
 
     def _crash(self, exc: BaseException) -> None:
         """The loop failed (a store fault, a bug): end every run it owed a result, in the store

@@ -28,7 +28,9 @@ import difflib
 import functools
 import json
 import logging
+import os
 import pickle
+import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -274,9 +276,7 @@ class RemotePool:
         if isinstance(exc, cf.CancelledError):
             return CancelledError(att.token.reason or "cancelled")
         text = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, pickle.PicklingError) or (
-            isinstance(exc, (TypeError, AttributeError)) and "pickle" in str(exc).lower()
-        ):
+        if _pickling_failed(exc):
             error = ThreadflowError(
                 f"task {att.task()!r} attempt {att.number}: {self._label} could not send the "
                 f"attempt to its workers ({text}). A remote executor pickles the task "
@@ -287,6 +287,32 @@ class RemotePool:
             error.__cause__ = exc
             return error
         return exc
+
+
+def _pickling_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a job did not pickle.
+
+    Only :class:`pickle.PicklingError` is certain. A function that has no import name (a
+    lambda, a nested function) fails with an AttributeError whose wording depends on the Python
+    version ("Can't pickle local object" up to 3.12, "Can't get local object" in 3.13), and an
+    object that refuses pickling with a TypeError ("cannot pickle '_thread.lock' object"); so
+    those count when their message says so, or when they were raised while pickling (a
+    ``dump``/``dumps`` of a pickling module in their traceback: process pools pickle a job in a
+    feeder thread, and the future carries that traceback).
+    """
+    if isinstance(exc, pickle.PicklingError):
+        return True
+    if not isinstance(exc, (TypeError, AttributeError)):
+        return False
+    message = str(exc).lower()
+    if "pickle" in message or "local object" in message:
+        return True
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        module = os.path.basename(code.co_filename)
+        if code.co_name in ("dump", "dumps") and ("pickle" in module or module == "reduction.py"):
+            return True
+    return False
 
 
 def _cancel(future: Any) -> None:

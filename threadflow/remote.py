@@ -3,12 +3,17 @@
 The owner looks for requests every fraction of a second (see ``coordinator.POLL``); the asker
 polls for the answer, then for the run's end. Polling is the price of needing nothing but the
 SQLite file between the two processes.
+
+The requests are rows of the store's ``requests`` table, which anyone who can write the file
+can insert: the owner checks each one (:func:`check_request`) before it acts on it.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import reprlib
 import threading
 import uuid
 from typing import Any
@@ -21,6 +26,38 @@ from .store import EventStore, connect, owner_alive
 #: Seconds to wait for the owner to answer a request before giving up.
 ANSWER_TIMEOUT = 10.0
 _POLL = 0.05
+
+
+#: What a run id asked of a global server must look like. The ids :func:`request_start` makes
+#: (12 hex digits) match; so does any other short id that is safe to print in a terminal and to
+#: paste into a shell command, as the command line does with run ids.
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 40
+
+
+def check_request(definition: Any, entrance: object, run_id: object) -> tuple[str, str]:
+    """``(run_id, entrance)`` of a request read from the store, once checked; a null entrance
+    is the flow's default one.
+
+    :raises ValueError: saying what is wrong, if ``run_id`` does not match :data:`RUN_ID` or
+        ``entrance`` is neither null (the flow's default entrance) nor the name of a task.
+        Forged values appear in the message as a shortened repr, so that printing it is safe.
+    """
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError(
+            "the run id must be text of 1 to 64 ASCII letters, digits, '_' or '-', not "
+            + _short.repr(run_id)
+        )
+    if entrance is None:
+        return run_id, definition.default_entrance
+    if not isinstance(entrance, str):
+        what = _short.repr(entrance)
+        raise ValueError(f"the entrance must be a task name (text) or null, not {what}")
+    if entrance not in definition.tasks:
+        raise ValueError(f"flow {definition.name!r} has no task {_short.repr(entrance)}")
+    return run_id, entrance
 
 
 def _wait(seconds: float) -> None:

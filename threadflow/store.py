@@ -13,6 +13,7 @@ Only JSON is stored: opening a store never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -478,6 +479,33 @@ class Writer:
             self.conn.execute("COMMIT")
             self.checkpointer.poke()
 
+    @contextlib.contextmanager
+    def undo_on_error(self, name: str) -> Iterator[None]:
+        """Run a block's writes under the savepoint ``name``: if the block raises, they are
+        undone and the rest of the transaction stays.
+
+        If SQLite itself rolled back the whole transaction (a ``RAISE(ROLLBACK)`` trigger, some
+        I/O errors), there is no savepoint left to go back to: the transaction is over, and
+        writes made earlier in it are lost too.
+        """
+        self.begin()
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+            else:
+                self._in_tx = False
+            raise
+        self.conn.execute(f"RELEASE {name}")
+
+    def run_exists(self, run_id: str) -> bool:
+        """Whether the store has a run ``run_id`` (this transaction's new runs included)."""
+        row = self.conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None
+
     def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert event rows (see :data:`EVENT_COLUMNS`), in order.
 
@@ -667,8 +695,12 @@ class Writer:
         self.begin()
         self.conn.execute("DELETE FROM servers WHERE name = ? AND pid = ?", (name, pid))
 
-    def pending_requests(self, name: str) -> list[tuple[int, str | None, str]]:
-        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``."""
+    def pending_requests(self, name: str) -> list[tuple[int, Any, Any]]:
+        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``.
+
+        As stored, unchecked: anyone who can write the file can insert a row, and a table not
+        made by threadflow may hold any type (see ``remote.check_request``).
+        """
         return self.conn.execute(
             "SELECT id, entrance, run_id FROM requests WHERE server = ? AND status = 'pending' "
             "ORDER BY id",
