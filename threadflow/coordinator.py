@@ -475,7 +475,9 @@ class Coordinator:
         try:
             with self.writer.undo_on_error("request"):
                 self._on_start(handle, entrance)
-                self.writer.answer_request(request_id, "started", None)
+                if not self.writer.answer_request(request_id, "started", None):
+                    # Its asker gave up waiting (expired) meanwhile: nobody would wait for it.
+                    raise ThreadflowError("the request expired before it could start")
         except Exception as exc:
             # Forget the half-started run: its writes are undone, and nothing of it ran
             # (attempts reach workers, and signals receivers, only in _flush).

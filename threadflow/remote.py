@@ -148,7 +148,14 @@ def request_start(path: str, name: str, entrance: str | None) -> RemoteRunHandle
             if status != "pending":
                 break
             if monotonic() >= deadline:
-                conn.execute("UPDATE requests SET status = 'expired' WHERE id = ?", (request_id,))
+                # Only a request still pending expires: one the owner answered just now keeps
+                # its answer (the loop reads it), so no run starts that nobody waits for.
+                expired = conn.execute(
+                    "UPDATE requests SET status = 'expired' WHERE id = ? AND status = 'pending'",
+                    (request_id,),
+                ).rowcount
+                if not expired:
+                    continue
                 raise ThreadflowError(
                     f"the owner of ('global', {name!r}) did not answer within {ANSWER_TIMEOUT:g} s"
                 )

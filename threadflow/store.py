@@ -707,12 +707,14 @@ class Writer:
             (name,),
         ).fetchall()
 
-    def answer_request(self, request_id: int, status: str, message: str | None) -> None:
+    def answer_request(self, request_id: int, status: str, message: str | None) -> bool:
+        """Answer a request that is still pending; False if it is not (its asker gave up)."""
         self.begin()
-        self.conn.execute(
-            "UPDATE requests SET status = ?, message = ? WHERE id = ?",
+        cur = self.conn.execute(
+            "UPDATE requests SET status = ?, message = ? WHERE id = ? AND status = 'pending'",
             (status, message, request_id),
         )
+        return cur.rowcount == 1
 
     def rollback(self) -> None:
         """Drop the open transaction, if any (after a failed write or commit)."""
