@@ -7,6 +7,7 @@ The public names are re-exported here; see ``docs/`` and ``API.md`` for the cont
 from . import signals
 from .cancel import CancelToken, current_token, sleep
 from .children import add_child_task, add_children_tasks, results
+from .definition import ALL_OVER, task
 from .errors import (
     AlreadyStarted,
     CancelledError,
@@ -20,7 +21,7 @@ from .errors import (
     TaskTimeout,
     ThreadflowError,
 )
-from .flow import ALL_OVER, Flow, _registry_servers, task  # noqa: F401
+from .flow import Flow, _registry_servers  # noqa: F401
 from .result import RunHandle, RunResult
 from .store import EventStore
 

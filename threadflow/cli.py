@@ -32,9 +32,10 @@ import click
 
 from . import timeline as _timeline
 from ._text import file_stem, json_text, printable
+from .definition import ALL_OVER, FlowDefinition
 from .errors import StoreError, ThreadflowError
 from .events import KINDS, Event
-from .flow import ALL_OVER, Flow, FlowDefinition
+from .flow import Flow
 from .store import FILE_MODE, SCHEMA_VERSION, EventStore, RunInfo, default_path
 
 #: Exit codes of every command.
