@@ -4,6 +4,7 @@ Each test is a way a user's data, code or disk once killed the coordinator or hu
 ``result()``; see docs/reliability.md for the list of guarantees.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ def events(path, run_id, kind=None):
 
 
 def all_event_data_is_json(path):
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         bad = conn.execute(
             "SELECT count(*) FROM events WHERE data IS NOT NULL AND NOT json_valid(data)"
         ).fetchone()[0]
@@ -411,7 +412,7 @@ def test_a_full_disk_ends_the_run_interrupted_and_the_log_replays(store_path):
     first = json.loads(proc.stdout.splitlines()[-1])
     assert first["outcome"] == "interrupted"
     assert "sqlite3.OperationalError" in first["error"]  # SQLite reports EFBIG as an I/O error
-    with sqlite3.connect(store_path) as conn:
+    with contextlib.closing(sqlite3.connect(store_path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     again = Fill.replay(first["run_id"], store=store_path)

@@ -27,7 +27,8 @@ from typing import Any
 
 from . import signals
 from ._clock import monotonic, utcnow, wall
-from .cancel import CancelToken
+from .cancel import CancelToken, current_context
+from .definition import FlowDefinition
 from .errors import (
     CancelledError,
     DuplicateChildError,
@@ -41,6 +42,7 @@ from .isolation import ThreadPool, run_attempt
 from .processes import ProcessPool
 from .remote import check_request
 from .result import RunHandle, RunResult
+from .server import ServerCore, Settings, replay_refusal
 from .store import HEARTBEAT, EventStore, Writer
 
 log = logging.getLogger("threadflow")
@@ -210,25 +212,35 @@ class Coordinator:
 
     def __init__(
         self,
-        server: Any,
-        definition: Any,
+        core: ServerCore,
+        definition: FlowDefinition,
         path: str,
+        settings: Settings,
         return_to: Any,
         placed: dict[str, Any],
         extra_state: dict[str, Any],
+        handlers: list[tuple[Any, Callable[..., Any]]],
     ) -> None:
-        self.server = server
+        """
+        :param core: the server's name, run slot and stopped flag (the coordinator takes and
+            frees the slot for runs other processes ask for, and closes it at the end).
+        :param handlers: ``(signal, method)`` of the flow's overridden ``handle_*`` callbacks.
+        """
+        self.core = core
+        self.sender = core.flow  # the sender of every signal of this server
         self.definition = definition
         self.path = path
+        self.settings = settings
         self.store = EventStore(path)
         self.return_to = return_to
         self.extra = dict(extra_state)
-        self.grace = float(server.abandon_grace)
-        self.fsync = bool(server.fsync)
-        self.commit_every = max(0.0, float(server.commit_every))
+        self.grace = settings.abandon_grace
+        self.fsync = settings.fsync
+        self.commit_every = settings.commit_every
+        self._flow_handlers = handlers
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.post = self.inbox.put
-        name = str(server.name)
+        name = str(core.name)
         self.threads = ThreadPool(name)  # starts no thread until it is given work
         # Task name -> (parent pool, child pool): where its attempts run (placed by start_link).
         self._pools = make_pools(placed, self.threads)
@@ -262,7 +274,7 @@ class Coordinator:
         self._delivering: list[tuple[RunHandle, RunResult]] = []
         self._handlers: list[tuple[Any, Callable[..., None]]] = []
         self._host = socket.gethostname()
-        name_ = server.name
+        name_ = core.name
         #: The global name this server owns in its store, or None for a local name.
         self._global: str | None = name_[1] if isinstance(name_, tuple) else None
         self._next_beat = 0.0  # when to renew the run's (and global name's) lease
@@ -303,20 +315,28 @@ class Coordinator:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def _connect_handlers(self) -> None:
-        from .flow import Flow
+    def stop(self, grace: float, timeout: float | None) -> None:
+        """Stop the server (any thread): no new runs, attempts cancelled, then wait.
 
-        cls = type(self.server)
-        for name, sig in signals.HANDLERS.items():
-            if getattr(cls, name) is getattr(Flow, name):
-                continue  # not overridden: costs nothing per event
-            method = getattr(self.server, name)
+        Waits up to ``timeout`` for this thread to end, except when called from this very
+        thread (a callback) or from inside one of the server's attempts: either would wait
+        for itself, so the stop goes on without the caller.
+        """
+        if self.core.request_stop():
+            self.post(("stop", grace))
+        ctx = current_context()
+        if threading.current_thread() is self.thread or getattr(ctx, "coord", None) is self:
+            return
+        self.thread.join(timeout)
+
+    def _connect_handlers(self) -> None:
+        for sig, method in self._flow_handlers:
             make = (
                 _state_receiver if sig in (signals.start_flow, signals.all_over) else _task_receiver
             )
             receiver = make(method)
             # Held strongly: a weakly held closure would vanish at once.
-            sig.connect(receiver, sender=self.server, weak=False)
+            sig.connect(receiver, sender=self.sender, weak=False)
             self._handlers.append((sig, receiver))
 
     def _disconnect_handlers(self) -> None:
@@ -352,7 +372,7 @@ class Coordinator:
         try:
             self._loop()
         except BaseException as exc:
-            log.critical("threadflow: coordinator of %r failed", self.server.name, exc_info=True)
+            log.critical("threadflow: coordinator of %r failed", self.core.name, exc_info=True)
             self._crash(exc)
         finally:
             self.threads.shutdown()  # the user's executors are the user's to shut down
@@ -365,10 +385,8 @@ class Coordinator:
             except Exception:  # pragma: no cover - closing a broken connection
                 log.exception("threadflow: closing the store failed")
             self._disconnect_handlers()
-            with self.server._lock:
-                self.server._stopped = True
-                orphan = self.server._active
-            if orphan is not None and not orphan.done():
+            orphan = self.core.close()
+            if orphan is not None:
                 # A start or replay taken just before the server stopped (after a crash):
                 # nobody else will answer it.
                 self._deliver(
@@ -378,12 +396,11 @@ class Coordinator:
                         orphan.run_id,
                         {},
                         error=ThreadflowError(
-                            f"server {self.server.name!r} stopped before run {orphan.run_id} "
+                            f"server {self.core.name!r} stopped before run {orphan.run_id} "
                             "began; start it again on a new server"
                         ),
                     ),
                 )
-            self.server._unregister()
 
     def _loop(self) -> None:
         get, get_nowait = self.inbox.get, self.inbox.get_nowait
@@ -463,7 +480,7 @@ class Coordinator:
             self._refuse_request(request_id, str(bad))
             return
         try:
-            handle = self.server._take_slot(run_id, utcnow())
+            handle = self.core.take_slot(run_id, utcnow())
         except FlowRunning as busy:
             message = json.dumps({"run_id": busy.run_id, "start_time": busy.start_time.isoformat()})
             self._answer_refused(request_id, message)
@@ -485,7 +502,7 @@ class Coordinator:
             for uid in [uid for uid, att in self.attempts.items() if att.run is run]:
                 del self.attempts[uid]
             del self._rows[marks[0] :], self._sigs[marks[1] :], self._submit[marks[2] :]
-            self.server._run_ended(handle)
+            self.core.release_slot(handle)
             what = "the store" if isinstance(exc, sqlite3.Error) else "threadflow"
             self._refuse_request(request_id, f"{what} failed to start the run: {exc!r}", exc)
 
@@ -495,7 +512,7 @@ class Coordinator:
         log.warning(
             "threadflow: refused request %s for %r: %s",
             request_id,
-            self.server.name,
+            self.core.name,
             reason,
             exc_info=error,
         )
@@ -511,7 +528,7 @@ class Coordinator:
             log.warning(
                 "threadflow: could not answer request %s for %r; it stays pending",
                 request_id,
-                self.server.name,
+                self.core.name,
                 exc_info=True,
             )
 
@@ -525,7 +542,7 @@ class Coordinator:
         """
         what = describe(exc)
         error = ThreadflowError(
-            f"the coordinator of server {self.server.name!r} failed ({what['type']}: "
+            f"the coordinator of server {self.core.name!r} failed ({what['type']}: "
             f"{what['message']}); the run is recorded interrupted: replay it once the cause is "
             "fixed"
         )
@@ -616,7 +633,7 @@ class Coordinator:
 
     def _signal(self, sig: Any, run: _Run, task: Any, attempt: int | None, **error: Any) -> None:
         # Nobody listening: nothing is built (no per-child cost).
-        if sig.receivers and sig.has_receivers_for(self.server):
+        if sig.receivers and sig.has_receivers_for(self.sender):
             if isinstance(task, _Attempt):
                 task = task.task()
             self._sigs.append(
@@ -660,12 +677,13 @@ class Coordinator:
         waiting = {n: set(d.predecessors[n] & reachable) for n in reachable}
         run = _Run(handle, state, waiting)
         self.run = run
+        self.core.running = run.run_id
         ts = self._stamp()
         self.writer.run_started(
             {
                 "run_id": run.run_id,
                 "flow": d.name,
-                "server": str(self.server.name),
+                "server": str(self.core.name),
                 "entrance": entrance,
                 "started": ts,
                 "pid": os.getpid(),
@@ -680,7 +698,7 @@ class Coordinator:
             data=json.dumps(
                 {
                     "flow": d.name,
-                    "server": str(self.server.name),
+                    "server": str(self.core.name),
                     "entrance": entrance,
                     "pid": os.getpid(),
                     "host": self._host,
@@ -702,24 +720,18 @@ class Coordinator:
         if self._refuse_if_stopping(handle, state):
             reply.set()
             return
-        from .flow import _registry_servers
-
-        # Another server of this process runs it: its coordinator took the claim in an
-        # earlier transaction and set its .run before committing. Look only once we hold the
-        # write lock, which serialises the claims.
+        # Admission is decided here, once we hold the write lock, which orders the claims:
+        # a server of this process that claimed the run earlier has set core.running first.
         self.writer.begin()
-        owned_here = any(
-            server is not self.server
-            and server._coord.run is not None
-            and server._coord.run.run_id == handle.run_id
-            for server in _registry_servers()
+        refusal = replay_refusal(
+            handle.run_id, self.path, self.writer.run_owner(handle.run_id), self.core
         )
-        try:
-            self.writer.claim_run(handle.run_id, os.getpid(), self._host, owned_here)
-        except (ValueError, ThreadflowError) as exc:
-            self.server._run_ended(handle)
-            reply.set(exc)
+        if refusal is not None:
+            self.core.release_slot(handle)
+            reply.set(refusal)
             return
+        self.writer.claim_run(handle.run_id, os.getpid(), self._host)
+        self.core.running = handle.run_id
         reply.set()
         entrance = history.entrance
         reachable = d.reachable(entrance)
@@ -738,7 +750,7 @@ class Coordinator:
                 {
                     "segment": history.segments + 1,
                     "previous_outcome": history.outcome,
-                    "server": str(self.server.name),
+                    "server": str(self.core.name),
                     "pid": os.getpid(),
                     "host": self._host,
                 }
@@ -1195,7 +1207,7 @@ class Coordinator:
             return
         # Hand-over is only for children nobody needs to hear about before they start, run by
         # the server's own threads (stage.handover).
-        handover = not signals.task_start.has_receivers_for(self.server)
+        handover = not signals.task_start.has_receivers_for(self.sender)
         for stage in list(run.stages.values()):
             if stage.over or not stage.parent_done:
                 continue
@@ -1309,9 +1321,9 @@ class Coordinator:
 
     def _send(self, sig: Any, kwargs: dict[str, Any]) -> None:
         """Call each receiver; one that raises is logged and recorded, the others still run."""
-        for receiver in sig.receivers_for(self.server):
+        for receiver in sig.receivers_for(self.sender):
             try:
-                receiver(self.server, **kwargs)
+                receiver(self.sender, **kwargs)
             except BaseException as exc:  # SystemExit included: a receiver never ends the engine
                 log.error("threadflow: a %s receiver raised", sig.name, exc_info=True)
                 task = kwargs.get("task")
@@ -1331,7 +1343,9 @@ class Coordinator:
                 )
 
     def _deliver(self, handle: RunHandle, result: RunResult) -> None:
-        self.server._run_ended(handle)
+        if self.core.running == handle.run_id:
+            self.core.running = None
+        self.core.release_slot(handle)
         handle._set(result)
         target = self.return_to
         if target is None:

@@ -12,56 +12,63 @@ import datetime
 import functools
 import os
 import threading
+import types
+import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from .cancel import current_context
+from . import server, signals
+from ._clock import utcnow
 from .definition import FlowDefinition, check_flow, check_same_flow
-from .errors import (
-    AlreadyStarted,
-    FlowDefinitionError,
-    FlowRunning,
-    ReplayError,
-    ThreadflowError,
-)
+from .errors import FlowDefinitionError, ThreadflowError
 from .result import RunHandle, RunResult
+from .server import ServerCore
+from .store import EventStore
+
+_F = TypeVar("_F", bound="Flow")
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
-# The server registry: the one piece of module-level mutable state (names are per process).
-_registry: dict[str, Flow] = {}
-_registry_lock = threading.Lock()
-
 
 def _registry_servers() -> list[Flow]:
     """The servers registered in this process (for shutdown and test clean-up)."""
-    with _registry_lock:
-        return list(_registry.values())
+    return [core.flow for core in server.cores()]
 
 
 @atexit.register
 def _stop_all_at_exit() -> None:
     # Daemon threads die silently at exit; stop servers first so runs are recorded interrupted.
-    for server in _registry_servers():
-        server.stop(timeout=2.0)
+    for flow in _registry_servers():
+        flow.stop(timeout=2.0)
 
 
 def _is_global(name: Any) -> bool:
     return isinstance(name, tuple) and len(name) == 2 and name[0] == "global"
 
 
-class _Hybrid:
-    """``Example.start_flow(name_or_server)`` on the class, ``server.start_flow()`` on a server."""
+class _ServerOrClass:
+    """A method with a server form and a class form, as the seed's API has them.
 
-    def __init__(self, on_class: Callable[..., Any], on_server: Callable[..., Any]) -> None:
-        self.on_class, self.on_server = on_class, on_server
+    ``server.start_flow(entrance=...)`` calls the decorated function; ``Example.start_flow(
+    name_or_server, ...)`` calls the one given to :meth:`on_class`. Either is a real method
+    object with its own signature and docstring, for ``help()`` and the API pages.
+    """
+
+    def __init__(self, on_server: Callable[..., Any]) -> None:
+        self._on_server = on_server
+        self._on_class: Callable[..., Any] | None = None
         functools.update_wrapper(self, on_server)  # type: ignore[arg-type]
+
+    def on_class(self, func: Callable[..., Any]) -> classmethod[Any, Any, Any]:
+        self._on_class = func
+        return classmethod(func)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Callable[..., Any]:
         if obj is None:
-            return functools.partial(self.on_class, objtype)
-        return functools.partial(self.on_server, obj)
+            assert self._on_class is not None
+            return types.MethodType(self._on_class, objtype)
+        return types.MethodType(self._on_server, obj)
 
 
 class Flow:
@@ -91,11 +98,9 @@ class Flow:
     commit_every: ClassVar[float] = 0.02
     store_mode: ClassVar[int] = 0o600
     _server_name: ClassVar[Any] = None
-    # Set on each server by start_link().
-    _name: Any
-    _lock: threading.Lock
-    _active: RunHandle | None
-    _stopped: bool
+    # Set on each server by start_link(): its name, slot and stopped flag (the core, shared
+    # with the coordinator through its methods), and its coordinator.
+    _core: ServerCore
     _coord: Coordinator
 
     def __init_subclass__(cls, server_name: Any = None, **kwargs: Any) -> None:
@@ -126,20 +131,20 @@ class Flow:
 
     @classmethod
     def start_link(
-        cls,
+        cls: type[_F],
         store: str | os.PathLike[str] | None = None,
         return_to: Any = None,
         executor: Any = None,
         executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
-    ) -> Flow:
+    ) -> _F:
         """Start a server: its coordinator thread opens the store and waits for runs.
 
         :param store: SQLite file (created if missing, with the class's ``store_mode``);
             default ``$THREADFLOW_DB`` or ``threadflow.db`` in the working directory.
         :param return_to: a queue (anything with ``.put``) or a callable that receives the
-            :class:`RunResult` of every run, on the coordinator thread.
-        :param executor: a :class:`concurrent.futures.Executor` to run attempts in (default: the
+            ``RunResult`` of every run, on the coordinator thread.
+        :param executor: a ``concurrent.futures.Executor`` to run attempts in (default: the
             server's own daemon threads, which never block interpreter exit). A
             ``ThreadPoolExecutor`` runs them in this process; any other executor (a
             ``ProcessPoolExecutor``, Dask's ``Client.get_executor()``) is remote: see
@@ -162,7 +167,6 @@ class Flow:
             raise FlowDefinitionError(
                 f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
             )
-        name = cls._server_name
         reserved = {"start_time", "run_id", "store", "task_flow", "replayed"} & set(extra_state)
         if reserved:
             raise TypeError(
@@ -176,77 +180,80 @@ class Flow:
             )
         placed = resolve(definition, executor, executors)
         self = object.__new__(cls)
-        self._name = name
-        self._lock = threading.Lock()  # guards _active and _stopped, never held across user code
-        self._active = None
-        self._stopped = False
+        self._core = core = server.ServerCore(cls._server_name, self)
         path = os.fspath(store) if store is not None else default_path()
-        with _registry_lock:
-            running = _registry.get(name)
-            if running is not None:
-                raise AlreadyStarted(name, running)
-            _registry[name] = self
+        core.register()
         try:
             # Here, not in the coordinator's writer (which creates a missing file with the
             # default mode): the mode is the class's.
             create_file(path, cls.store_mode)
-            self._coord = Coordinator(self, definition, path, return_to, placed, extra_state)
+            self._coord = Coordinator(
+                core,
+                definition,
+                path,
+                server.Settings.of(cls),
+                return_to,
+                placed,
+                extra_state,
+                self._overridden_handlers(),
+            )
             self._coord.start()
         except BaseException:
-            self._unregister()
+            core.unregister()
             raise
         return self
 
-    def _unregister(self) -> None:
-        with _registry_lock:
-            if _registry.get(self._name) is self:
-                del _registry[self._name]
+    def _overridden_handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """``(signal, bound method)`` of each ``handle_*`` this flow overrides; the others
+        cost nothing per event."""
+        cls = type(self)
+        return [
+            (sig, getattr(self, name))
+            for name, sig in signals.HANDLERS.items()
+            if getattr(cls, name) is not getattr(Flow, name)
+        ]
 
-    def _start_flow_server(self, entrance: str | None = None) -> RunHandle:
+    @_ServerOrClass
+    def start_flow(self, entrance: str | None = None) -> RunHandle:
         """Start a run of this server's flow at ``entrance`` (default: ``default_entrance``).
 
+        On the class, ``Example.start_flow(name_or_server, entrance=None, store=None)`` starts
+        a run on the server of that name (a global name may be served by another process
+        sharing ``store``).
+
+        :returns: a ``RunHandle``: ``.run_id``, ``.done()``, ``.result(timeout)``.
         :raises FlowRunning: if a run is in progress (no callback fires).
         :raises FlowDefinitionError: for an unknown entrance.
+        :raises ThreadflowError: if the server is stopped.
         """
-        import uuid
-
-        from ._clock import utcnow
-
         definition = self._coord.definition
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
-        handle = self._take_slot(uuid.uuid4().hex[:12], utcnow())
+        handle = self._core.take_slot(uuid.uuid4().hex[:12], utcnow())
         self._coord.post(("start", handle, entrance))
         return handle
 
-    def _take_slot(self, run_id: str, start_time: datetime.datetime) -> RunHandle:
-        """Make run ``run_id`` this server's one run; any thread may call it.
-
-        :raises ThreadflowError: if the server is stopped.
-        :raises FlowRunning: if it runs a run already.
-        """
-        with self._lock:
-            if self._stopped:
-                raise ThreadflowError(
-                    f"server {self._name!r} is stopped; start a new one with start_link()"
-                )
-            if self._active is not None:
-                raise FlowRunning(self._name, self._active.run_id, self._active.start_time)
-            handle = RunHandle(run_id, start_time)
-            self._active = handle
-        return handle
-
-    @classmethod
-    def _start_flow_class(
-        cls,
+    @start_flow.on_class
+    def _start_flow_on_class(
+        cls: type[Flow],
         name_or_server: Any,
         entrance: str | None = None,
         store: str | os.PathLike[str] | None = None,
     ) -> RunHandle:
-        server = name_or_server
-        if not isinstance(server, Flow):
-            server = cls.whereis(name_or_server)
-            if server is None:
+        """Start a run on the server ``name_or_server`` (a server, or the name it runs under).
+
+        :param name_or_server: a server, a name registered in this process, or
+            ``("global", name)``, which may be served by another process sharing ``store``.
+        :param entrance: the task to start at (default: the flow's ``default_entrance``).
+        :param store: for a global name served elsewhere: the store file they share.
+        :returns: a ``RunHandle``.
+        :raises ThreadflowError: if no server of that name runs.
+        :raises FlowRunning: if it runs a run already.
+        """
+        target = name_or_server
+        if not isinstance(target, Flow):
+            core = server.lookup(name_or_server)
+            if core is None:
                 if _is_global(name_or_server):
                     from .remote import request_start
                     from .store import default_path
@@ -259,16 +266,20 @@ class Flow:
                     f"no server named {name_or_server!r} is running; start it with "
                     f"{cls.__name__}.start_link()"
                 )
-        return server._start_flow_server(entrance)
+            target = core.flow
+        handle: RunHandle = target.start_flow(entrance)
+        return handle
 
-    start_flow = _Hybrid(_start_flow_class.__func__, _start_flow_server)  # type: ignore[attr-defined]
-
-    def _replay_server(self, run_id: str) -> RunHandle:
+    @_ServerOrClass
+    def replay(self, run_id: str) -> RunHandle:
         """Continue run ``run_id`` of this server's store from its event log.
 
         Finished stages, parents and children are not run again; the rest runs with fresh
-        attempts; the run keeps its id and a ``replayed`` event marks the new segment.
+        attempts; the run keeps its id and a ``replayed`` event marks the new segment. On the
+        class, ``Example.replay(run_id, store=..., **start_link_args)`` starts a server,
+        replays the run, waits for its ``RunResult`` and stops.
 
+        :returns: a ``RunHandle``.
         :raises ValueError: if the run ended ``all_over``.
         :raises ReplayError: if the run is unknown, still owned by a live server, or was
             written by a flow whose tasks or edges have changed since.
@@ -276,7 +287,7 @@ class Flow:
         """
         from .children import Reply
 
-        coord = self._coord
+        coord, core = self._coord, self._core
         if threading.current_thread() is coord.thread:
             raise RuntimeError("replay() cannot be called from a callback; call it elsewhere")
         store = coord.store
@@ -284,33 +295,29 @@ class Flow:
             info = store.run(run_id)
         except KeyError:
             info = None
-        if info is None or info.run_id != run_id:
-            raise ReplayError(run_id, f"there is no run {run_id!r} in {store.path!r}")
-        if info.outcome == "all_over":
-            raise ValueError(f"run {run_id} ended all_over; there is nothing to replay")
-        for server in _registry_servers():
-            active = server._active
-            if active is not None and active.run_id == run_id:
-                raise ReplayError(
-                    run_id,
-                    f"run {run_id} is still running in server {server._name!r} of this "
-                    "process; wait for it to end or stop that server, then replay",
-                )
+        row = None
+        if info is not None and info.run_id == run_id:
+            row = (info.outcome, info.pid, info.host, info.heartbeat)
+        # Asked early for a quick answer; the coordinator asks again under the write lock.
+        refusal = server.replay_refusal(run_id, store.path, row)
+        if refusal is not None:
+            raise refusal
         history = store.history(run_id)
         check_same_flow(coord.definition, history)
-        handle = self._take_slot(run_id, datetime.datetime.fromisoformat(info.started))
+        assert info is not None
+        handle = core.take_slot(run_id, datetime.datetime.fromisoformat(info.started))
         reply = Reply()
         coord.post(("replay", handle, history, reply))
         while not reply.event.wait(0.5):
             if not coord.alive():
-                raise ThreadflowError(f"server {self._name!r} stopped before the replay began")
+                raise ThreadflowError(f"server {core.name!r} stopped before the replay began")
         if reply.error is not None:
             raise reply.error
         return handle
 
-    @classmethod
-    def _replay_class(
-        cls,
+    @replay.on_class
+    def _replay_on_class(
+        cls: type[Flow],
         run_id: str,
         store: str | os.PathLike[str] | None = None,
         return_to: Any = None,
@@ -318,20 +325,17 @@ class Flow:
         executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> RunResult:
-        with cls.start_link(store, return_to, executor, executors, **extra_state) as server:
-            result: RunResult = server.replay(run_id).result()
+        """Start a server on ``store``, replay run ``run_id``, wait for its result, stop.
+
+        The arguments after ``run_id`` are those of ``start_link``.
+
+        :returns: the replayed run's ``RunResult``.
+        :raises ValueError: if the run ended ``all_over``.
+        :raises ReplayError: if the run cannot be replayed (see ``server.replay``).
+        """
+        with cls.start_link(store, return_to, executor, executors, **extra_state) as srv:
+            result: RunResult = srv.replay(run_id).result()
         return result
-
-    #: ``Example.replay(run_id, store=...)`` starts a server, replays the run, waits for its
-    #: :class:`RunResult` and stops; ``server.replay(run_id)`` returns a :class:`RunHandle`.
-    replay = _Hybrid(_replay_class.__func__, _replay_server)  # type: ignore[attr-defined]
-
-    def _run_ended(self, handle: RunHandle) -> None:
-        # Called by the coordinator before it delivers a result, so that a caller who gets the
-        # result can start the next run at once.
-        with self._lock:
-            if self._active is handle:
-                self._active = None
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the server: no new runs, running attempts cancelled, the run recorded interrupted.
@@ -342,28 +346,14 @@ class Flow:
         inside a task of this server it returns at once and the stop goes on without it (a
         task that calls it should then return: its token is cancelled).
         """
-        with self._lock:
-            first = not self._stopped
-            self._stopped = True
-        coord = self._coord
-        if first:
-            grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
-            coord.post(("stop", grace))
-        ctx = current_context()
-        if getattr(ctx, "coord", None) is coord:
-            # From inside one of this server's attempts: waiting would wait for this very
-            # attempt. Return at once; the stop goes on (this attempt's token is cancelled).
-            return
-        if threading.current_thread() is not coord.thread:
-            coord.thread.join(timeout)
-            if not coord.thread.is_alive():
-                self._unregister()
+        grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
+        self._coord.stop(grace, timeout)
 
     @classmethod
     def whereis(cls, name: Any) -> Flow | None:
         """The running server registered under ``name`` in this process, or None."""
-        with _registry_lock:
-            return _registry.get(name)
+        core = server.lookup(name)
+        return None if core is None else core.flow
 
     @classmethod
     def run(
@@ -375,25 +365,28 @@ class Flow:
         executors: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> RunResult:
-        """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call."""
-        with cls.start_link(store, return_to, executor, executors, **extra_state) as server:
-            result: RunResult = server.start_flow(entrance=entrance).result()
+        """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call.
+
+        :returns: the run's ``RunResult``.
+        """
+        with cls.start_link(store, return_to, executor, executors, **extra_state) as srv:
+            result: RunResult = srv.start_flow(entrance=entrance).result()
         return result
 
-    def __enter__(self) -> Flow:
+    def __enter__(self: _F) -> _F:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
     def name(self) -> Any:
         """The server name."""
-        return self._name
+        return self._core.name
 
     @property
-    def store(self) -> Any:
-        """The :class:`~threadflow.EventStore` of this server's store file."""
+    def store(self) -> EventStore:
+        """The ``EventStore`` of this server's store file."""
         return self._coord.store
 
     @property
@@ -402,8 +395,8 @@ class Flow:
         return self._coord.abandoned
 
     def __repr__(self) -> str:
-        state = "stopped" if self._stopped else "running"
-        return f"<{type(self).__name__} server {self._name!r} {state}>"
+        state = "stopped" if self._core.stopped else "running"
+        return f"<{type(self).__name__} server {self._core.name!r} {state}>"
 
     # -- callbacks: override any of these ---------------------------------------------------
 

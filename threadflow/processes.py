@@ -79,13 +79,12 @@ class ProcessPool:
 
     def __init__(self, coord: Any) -> None:
         self._coord = coord
-        server = coord.server
-        self.grace = max(0.0, min(float(server.kill_grace), coord.grace / 2))
+        self.grace = max(0.0, min(coord.settings.kill_grace, coord.grace / 2))
         specs = [s for s in coord.definition.tasks.values() if s.isolation == "subprocess"]
         cpus = os.cpu_count() or 1
         #: Idle processes kept warm: as many as a subprocess task may run at once.
         self.keep = max((s.max_concurrency or cpus for s in specs), default=0)
-        self._name = str(server.name)
+        self._name = str(coord.core.name)
         self._mp = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()  # guards the fields below; never held across a wait
         self._idle: list[_Process] = []
@@ -251,7 +250,7 @@ class ProcessPool:
         # Stop the server first, so that its run is recorded as interrupted rather than seeing
         # its attempts die; then make sure nothing is left.
         try:
-            self._coord.server.stop(timeout=2.0)
+            self._coord.stop(grace=1.0, timeout=2.0)
         finally:
             self.shutdown()
 

@@ -623,32 +623,17 @@ class Writer:
             row,
         )
 
-    def claim_run(self, run_id: str, pid: int, host: str, same_process_owner: bool) -> None:
-        """Take over an unfinished or failed run for a replay, in the current transaction.
-
-        :raises ValueError: if it ended ``all_over``.
-        :raises ReplayError: if it is unknown, or another live process still owns it.
-        """
-        from .errors import ReplayError
-
-        self.begin()
-        row = self.conn.execute(
+    def run_owner(self, run_id: str) -> tuple[Any, ...] | None:
+        """``(outcome, pid, host, heartbeat)`` of run ``run_id``, or None if there is none."""
+        row: tuple[Any, ...] | None = self.conn.execute(
             "SELECT outcome, pid, host, heartbeat FROM runs WHERE run_id = ?", (run_id,)
         ).fetchone()
-        if row is None:
-            raise ReplayError(run_id, f"there is no run {run_id} in {self.path!r}")
-        outcome, owner_pid, owner_host, heartbeat = row
-        if outcome == "all_over":
-            raise ValueError(f"run {run_id} ended all_over; there is nothing to replay")
-        if outcome is None:
-            mine = owner_pid == os.getpid() and owner_host == host
-            alive = same_process_owner if mine else owner_alive(owner_pid, owner_host, heartbeat)
-            if alive:
-                raise ReplayError(
-                    run_id,
-                    f"run {run_id} is still running in process {owner_pid} on {owner_host}; "
-                    "wait for it to end, or stop that server, then replay",
-                )
+        return row
+
+    def claim_run(self, run_id: str, pid: int, host: str) -> None:
+        """Make this process the owner of run ``run_id`` again, for a replay, in the current
+        transaction (the caller has decided it may: see ``server.replay_refusal``)."""
+        self.begin()
         self.conn.execute(
             "UPDATE runs SET outcome = NULL, ended = NULL, pid = ?, host = ?, heartbeat = ? "
             "WHERE run_id = ?",
