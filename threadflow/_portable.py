@@ -15,11 +15,12 @@ import pickle
 import threading
 import warnings
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from .cancel import CancelToken, _local
 from .errors import ThreadflowError
 from .events import decode_id, encode_result, error_data
+from .messages import Reply
 
 PICKLE = pickle.HIGHEST_PROTOCOL
 #: Fields of a task that may hold functions; ``state["task_flow"]`` copies keep them if they
@@ -148,36 +149,44 @@ def portable_error(exc: BaseException) -> BaseException:
 # -- the other side ----------------------------------------------------------------------------
 
 
+class ChildSink(Protocol):
+    """Where a remote attempt's ``add_children_tasks`` chunks go: a pipe to the server (a
+    subprocess attempt), or a buffer carried back with the outcome (an executor's attempt)."""
+
+    def add(self, ids: list[str], datas: list[str], final: bool) -> Reply:
+        """Take a chunk; the reply is answered as the coordinator would answer it."""
+
+    def alive(self) -> bool:
+        """False once nothing will answer a reply any more."""
+
+
 class RemoteAttempt:
-    """The attempt context in another process: what cancel.py and children.py read.
+    """The attempt context in another process (a :class:`~threadflow.messages.AttemptContext`),
+    what ``current_token()`` and ``add_children_tasks()`` reach there."""
 
-    ``coord`` is whatever takes the ``("add", uid, ids, datas, reply)`` messages of
-    ``add_children_tasks`` there: a pipe to the server, or a buffer carried back with the outcome.
-    """
-
-    __slots__ = ("uid", "token", "coord", "child_json", "stage", "run")
+    __slots__ = ("token", "sink", "task_name", "child_json", "has_children", "run_id")
 
     def __init__(
         self,
         token: CancelToken,
-        coord: Any,
+        sink: ChildSink,
         task: str,
         child_json: str | None,
         has_children: bool,
         run_id: str,
     ) -> None:
-        self.uid = 0  # the server side knows the attempt; it is not needed here
         self.token = token
-        self.coord = coord
+        self.sink = sink
+        self.task_name = task
         self.child_json = child_json
-        spec = _Fields(child_task_func=True if has_children else None)
-        self.stage: Any = _Fields(name=task, spec=spec)
-        self.run: Any = _Fields(run_id=run_id)
+        self.has_children = has_children
+        self.run_id = run_id
 
+    def send_children(self, ids: list[str], datas: list[str], final: bool) -> Reply:
+        return self.sink.add(ids, datas, final)
 
-class _Fields:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    def engine_alive(self) -> bool:
+        return self.sink.alive()
 
 
 def run_job(
@@ -194,7 +203,7 @@ def run_job(
     :returns: ``("over", data)``, or ``("exit", exc_blob, data)`` with ``exc_blob`` None if the
         exception does not survive a pickle round trip; ``data`` is the event's data.
     """
-    task = ctx.stage.name
+    task = ctx.task_name
     try:
         if isinstance(func, bytes):
             try:

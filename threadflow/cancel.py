@@ -11,9 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import CancelledError
+
+if TYPE_CHECKING:
+    from .messages import AttemptContext
 
 _event_lock = threading.Lock()
 
@@ -94,13 +97,13 @@ class CancelToken:
 
 class _Local(threading.local):
     # The attempt the current worker thread is running, or None outside a task.
-    ctx: Any = None
+    ctx: AttemptContext | None = None
 
 
 _local = _Local()
 
 
-def current_context() -> Any:
+def current_context() -> AttemptContext | None:
     """The running attempt of this thread (engine internal), or None."""
     return _local.ctx
 
@@ -116,7 +119,7 @@ def current_token() -> CancelToken:
             "threadflow.current_token() was called outside a task; call it from inside a "
             "task_func or child_task_func"
         )
-    return ctx.token  # type: ignore[no-any-return]
+    return ctx.token
 
 
 def sleep(seconds: float) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from .cancel import current_context
 from .errors import CancelledError, EncodeError
 from .events import dumps, safe_repr
+from .messages import AttemptContext, Reply
 
 #: Children are sent to the coordinator this many at a time.
 CHUNK = 250
@@ -74,19 +74,19 @@ def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
     return cid, '{"payload":' + payload_json + ',"by":' + by + "}"
 
 
-def _attempt_for(state: Mapping[str, Any], where: str) -> Any:
+def _attempt_for(state: Mapping[str, Any], where: str) -> AttemptContext:
     ctx = current_context()
     if ctx is None:
         raise RuntimeError(
             f"threadflow.{where}() was called outside a task; call it from inside a task_func "
             "or child_task_func"
         )
-    if ctx.stage.spec.child_task_func is None:
+    if not ctx.has_children:
         raise RuntimeError(
-            f"threadflow.{where}(): task {ctx.stage.name!r} has no child_task_func, so it cannot "
+            f"threadflow.{where}(): task {ctx.task_name!r} has no child_task_func, so it cannot "
             "have children; add child_task_func=<function(child, state)> to its task()"
         )
-    if state.get("run_id") != ctx.run.run_id:
+    if state.get("run_id") != ctx.run_id:
         raise RuntimeError(
             f"threadflow.{where}(): the state passed belongs to another run; pass the state "
             "your task received"
@@ -108,7 +108,7 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
     :raises CancelledError: if the attempt was cancelled meanwhile.
     """
     ctx = _attempt_for(state, "add_children_tasks")
-    task, by = ctx.stage.name, ctx.child_json or "null"
+    task, by = ctx.task_name, ctx.child_json or "null"
     ctx.token.raise_if_cancelled()
     ids: list[str] = []
     datas: list[str] = []
@@ -119,13 +119,13 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
         datas.append(data)
         if len(ids) >= CHUNK:
             # Not the last chunk: no need to wait for it to be on disk, only for room.
-            sent.append(_post(ctx, ids, datas, final=False))
+            sent.append(ctx.send_children(ids, datas, final=False))
             if len(sent) >= IN_FLIGHT:
                 _wait(ctx, sent.popleft())
             ids, datas = [], []
     # The last chunk (maybe empty) is answered only once committed, and after every earlier
     # one: when it returns, all of them are in the store.
-    last = _post(ctx, ids, datas, final=True)
+    last = ctx.send_children(ids, datas, final=True)
     while sent:
         _wait(ctx, sent.popleft())
     _wait(ctx, last)
@@ -135,36 +135,22 @@ def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> Non
     """Add one child; see :func:`add_children_tasks`."""
     ctx = _attempt_for(state, "add_child_task")
     ctx.token.raise_if_cancelled()
-    cid, data = _encode_child(ctx.stage.name, (child_id, payload), ctx.child_json or "null")
-    _wait(ctx, _post(ctx, [cid], [data], final=True))
+    cid, data = _encode_child(ctx.task_name, (child_id, payload), ctx.child_json or "null")
+    _wait(ctx, ctx.send_children([cid], [data], final=True))
 
 
-class Reply:
-    """A worker's wait for the coordinator to commit a chunk of children."""
-
-    __slots__ = ("error", "event")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-
-    def set(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self.event.set()
+def _wait(ctx: AttemptContext, reply: Reply) -> None:
+    wait_reply(ctx, reply)
 
 
-def _post(ctx: Any, ids: list[str], datas: list[str], final: bool) -> Reply:
-    reply = Reply()
-    ctx.coord.post(("add", ctx.uid, ids, datas, reply, final))
-    return reply
+def wait_reply(ctx: AttemptContext, reply: Reply) -> None:
+    """Wait for the answer to a chunk of children; raise the error it carries.
 
-
-def _wait(ctx: Any, reply: Reply) -> None:
-    # The coordinator answers every "add" it takes, also when it stops; if it died instead,
-    # stop waiting rather than hang the worker forever.
-    coord = ctx.coord
+    The coordinator answers every chunk it takes, also when it stops; if it died instead, stop
+    waiting rather than hang the worker forever.
+    """
     while not reply.event.wait(0.5):
-        if not coord.alive():
+        if not ctx.engine_alive():
             raise CancelledError("stop")
     if reply.error is not None:
         raise reply.error

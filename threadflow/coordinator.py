@@ -39,6 +39,16 @@ from .errors import (
 from .events import decode_id, describe, error_data, error_json, safe_repr
 from .executors import make_pools
 from .isolation import ThreadPool, run_attempt
+from .messages import (
+    AddChildren,
+    Carried,
+    Done,
+    Message,
+    ReplayRun,
+    Reply,
+    StartRun,
+    Stop,
+)
 from .processes import ProcessPool
 from .remote import check_request
 from .result import RunHandle, RunResult
@@ -182,6 +192,28 @@ class _Attempt:
         self.returned = False  # written once, by the worker, when user code has returned
         self.worker: str | None = None  # name of the thread that runs it (set by that thread)
 
+    # -- AttemptContext: what task code reaches in the worker thread -------------------------
+
+    @property
+    def task_name(self) -> str:
+        return self.stage.name
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def has_children(self) -> bool:
+        return self.stage.spec.child_task_func is not None
+
+    def send_children(self, ids: list[str], datas: list[str], final: bool) -> Reply:
+        reply = Reply()
+        self.coord.post(AddChildren(self.uid, ids, datas, reply, final))
+        return reply
+
+    def engine_alive(self) -> bool:
+        return self.coord.alive()
+
     def task(self) -> tuple[Any, ...]:
         if self.child_json is None:
             return (self.stage.name,)
@@ -238,7 +270,7 @@ class Coordinator:
         self.fsync = settings.fsync
         self.commit_every = settings.commit_every
         self._flow_handlers = handlers
-        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.post = self.inbox.put
         name = str(core.name)
         self.threads = ThreadPool(name)  # starts no thread until it is given work
@@ -323,9 +355,10 @@ class Coordinator:
         for itself, so the stop goes on without the caller.
         """
         if self.core.request_stop():
-            self.post(("stop", grace))
+            self.post(Stop(grace))
         ctx = current_context()
-        if threading.current_thread() is self.thread or getattr(ctx, "coord", None) is self:
+        inside = isinstance(ctx, _Attempt) and ctx.coord is self
+        if threading.current_thread() is self.thread or inside:
             return
         self.thread.join(timeout)
 
@@ -597,22 +630,21 @@ class Coordinator:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _handle(self, msg: tuple[Any, ...]) -> None:
-        tag = msg[0]
-        if tag == "done":
-            self._on_done(*msg[1:])
-        elif tag == "add":
-            self._on_add(*msg[1:])
-        elif tag == "carried":
-            self._on_carried(*msg[1:])
-        elif tag == "start":
-            self._on_start(*msg[1:])
-        elif tag == "replay":
-            self._on_replay(*msg[1:])
-        elif tag == "stop":
-            self._on_stop(*msg[1:])
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Done):  # the most frequent first: one per attempt
+            self._on_done(msg.uid, msg.error, msg.data, msg.next, msg.started)
+        elif isinstance(msg, AddChildren):
+            self._on_add(msg.uid, msg.ids, msg.datas, msg.reply, msg.final)
+        elif isinstance(msg, Carried):
+            self._on_carried(msg.uid, msg.data, msg.ids, msg.datas)
+        elif isinstance(msg, StartRun):
+            self._on_start(msg.handle, msg.entrance)
+        elif isinstance(msg, ReplayRun):
+            self._on_replay(msg.handle, msg.history, msg.reply)
+        elif isinstance(msg, Stop):
+            self._on_stop(msg.grace)
         else:  # pragma: no cover
-            raise AssertionError(f"unknown message {tag!r}")
+            raise AssertionError(f"unknown message {msg!r}")
 
     def _stamp(self) -> str:
         if self._ts is None:
@@ -809,7 +841,6 @@ class Coordinator:
         self,
         uid: int,
         error: BaseException | None,
-        value: Any,
         data: str | None,
         nxt: _Attempt | None = None,
         started: float = 0.0,
@@ -946,9 +977,9 @@ class Coordinator:
             try:
                 self._insert_children(att, ids, datas)
             except DuplicateChildError as exc:
-                self._on_done(uid, exc, None, error_json(exc))
+                self._on_done(uid, exc, error_json(exc))
                 return
-        self._on_done(uid, None, None, data)
+        self._on_done(uid, None, data)
 
     def _insert_children(self, att: _Attempt, ids: list[str], datas: list[str]) -> None:
         """Write ``child_added`` events held by ``att``.
@@ -1301,7 +1332,7 @@ class Coordinator:
                     # Cancelled in this very turn (run over, stop): it never runs, but it still
                     # ends through the inbox like any attempt, so nothing waits for it.
                     error = CancelledError(att.token.reason or "cancelled")
-                    self.post(("done", att.uid, error, None, None))
+                    self.post(Done(att.uid, error, None))
                     continue
                 timeout = att.stage.spec.task_timeout
                 if timeout:
@@ -1311,7 +1342,7 @@ class Coordinator:
                 try:
                     pool.submit(run_attempt, att)
                 except BaseException as exc:  # e.g. a user executor that was shut down
-                    self.post(("done", att.uid, exc, None, error_json(exc)))
+                    self.post(Done(att.uid, exc, error_json(exc)))
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import difflib
 import functools
-import json
 import logging
 import os
 import pickle
@@ -39,8 +38,9 @@ from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, ThreadflowError
-from .events import decode_id, error_data
+from .events import decode_id, error_json
 from .isolation import ThreadPool
+from .messages import Carried, Done, Reply
 
 log = logging.getLogger("threadflow")
 
@@ -258,18 +258,18 @@ class RemotePool:
             if outcome[0] == "over":
                 _, data, ids, datas = outcome
                 if ids:
-                    post(("carried", att.uid, data, ids, datas))
+                    post(Carried(att.uid, data, ids, datas))
                 else:
-                    post(("done", att.uid, None, None, data))
+                    post(Done(att.uid, None, data))
             else:
                 _, blob, data = outcome
-                post(("done", att.uid, load_error(blob, att, data, self._label), None, data))
+                post(Done(att.uid, load_error(blob, att, data, self._label), data))
         except BaseException as exc:  # pragma: no cover - a malformed outcome
             self._post_error(att, exc)
 
     @staticmethod
     def _post_error(att: Any, error: BaseException) -> None:
-        att.coord.post(("done", att.uid, error, None, json.dumps({"error": error_data(error)})))
+        att.coord.post(Done(att.uid, error, error_json(error)))
 
     def _error(self, att: Any, exc: BaseException) -> BaseException:
         """The error to record when the executor, not the task, failed the attempt."""
@@ -367,10 +367,10 @@ class _DeadlineToken(CancelToken):
 class _Carried:
     """The children a remote attempt adds, kept to travel back with its outcome.
 
-    It stands where the coordinator is for a thread (``ctx.coord``): ``add_children_tasks``
-    posts its chunks here and they are accepted at once. A child id this attempt already added
-    raises :class:`~threadflow.DuplicateChildError` here; one added by another attempt is found
-    by the coordinator when the outcome arrives, and fails the attempt.
+    It is the attempt context's child sink: ``add_children_tasks`` sends its chunks here and
+    they are accepted at once. A child id this attempt already added raises
+    ``DuplicateChildError`` here; one added by another attempt is found by the coordinator when
+    the outcome arrives, and fails the attempt.
     """
 
     def __init__(self, task: str) -> None:
@@ -379,20 +379,21 @@ class _Carried:
         self.datas: list[str] = []
         self._seen: set[str] = set()
 
-    def post(self, msg: tuple[Any, ...]) -> None:
-        _, _, ids, datas, reply, _final = msg  # see children._post
+    def add(self, ids: list[str], datas: list[str], final: bool) -> Reply:
+        reply = Reply()
         chunk = set(ids)
         if len(chunk) < len(ids) or not self._seen.isdisjoint(chunk):
             seen = set(self._seen)
             for cid in ids:  # the first repeated id, as the store would name it
                 if cid in seen:
                     reply.set(DuplicateChildError(self.task, decode_id(cid)))
-                    return
+                    return reply
                 seen.add(cid)
         self._seen |= chunk
         self.ids.extend(ids)
         self.datas.extend(datas)
         reply.set()
+        return reply
 
     def alive(self) -> bool:
         return True

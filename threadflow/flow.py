@@ -21,6 +21,7 @@ from . import server, signals
 from ._clock import utcnow
 from .definition import FlowDefinition, check_flow, check_same_flow
 from .errors import FlowDefinitionError, ThreadflowError
+from .messages import ReplayRun, Reply, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
 from .store import EventStore
@@ -230,7 +231,7 @@ class Flow:
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
         handle = self._core.take_slot(uuid.uuid4().hex[:12], utcnow())
-        self._coord.post(("start", handle, entrance))
+        self._coord.post(StartRun(handle, entrance))
         return handle
 
     @start_flow.on_class
@@ -285,8 +286,6 @@ class Flow:
             written by a flow whose tasks or edges have changed since.
         :raises FlowRunning: if this server is running a run.
         """
-        from .children import Reply
-
         coord, core = self._coord, self._core
         if threading.current_thread() is coord.thread:
             raise RuntimeError("replay() cannot be called from a callback; call it elsewhere")
@@ -307,7 +306,7 @@ class Flow:
         assert info is not None
         handle = core.take_slot(run_id, datetime.datetime.fromisoformat(info.started))
         reply = Reply()
-        coord.post(("replay", handle, history, reply))
+        coord.post(ReplayRun(handle, history, reply))
         while not reply.event.wait(0.5):
             if not coord.alive():
                 raise ThreadflowError(f"server {core.name!r} stopped before the replay began")

@@ -18,12 +18,13 @@ from typing import Any
 from ._clock import monotonic
 from .cancel import _local
 from .events import decode_id, encode_result, error_json
+from .messages import Done
 
 
 def run_attempt(att: Any) -> None:
     """Run an attempt in this thread and post its outcome to the coordinator.
 
-    The message is ``("done", uid, error, value, data, next, started)``. If the attempt
+    The message is a :class:`~threadflow.messages.Done`. If the attempt
     succeeded and its stage has a standby child, this worker takes it at once and runs it in
     the finished attempt's slot (``next``, started at ``started``), so that a stream of children
     does not wait for a coordinator turn between two of them. The attempt is this thread's
@@ -69,7 +70,7 @@ def run_attempt(att: Any) -> None:
             else:
                 if nxt.run.over:  # the coordinator is draining it: not ours to start
                     nxt = None
-        post(("done", att.uid, error, value, data, nxt, monotonic() if nxt else 0.0))
+        post(Done(att.uid, error, data, nxt, monotonic() if nxt else 0.0))
         del value, error  # do not keep them alive while running the next one
         att = nxt
 

@@ -48,10 +48,10 @@ from typing import Any
 from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
 from .cancel import CancelToken
-from .children import _post as _post_children
-from .children import _wait as _wait_children
+from .children import wait_reply
 from .errors import CancelledError, ProcessDiedError, _signal_name
 from .events import error_data
+from .messages import Done, Reply
 
 log = logging.getLogger("threadflow")
 
@@ -101,7 +101,7 @@ class ProcessPool:
     # -- one attempt (a worker thread) -------------------------------------------------------
 
     def run(self, att: Any) -> None:
-        """Run ``att`` in a worker process; post ``("done", uid, error, None, data)`` after.
+        """Run ``att`` in a worker process; post its :class:`~threadflow.messages.Done` after.
 
         Never raises: every failure becomes the attempt's outcome, as in a thread attempt.
         """
@@ -119,7 +119,7 @@ class ProcessPool:
         finally:
             if proc is not None:
                 self._release(proc, reuse)
-        att.coord.post(("done", att.uid, error, None, data))
+        att.coord.post(Done(att.uid, error, data))
 
     def _blob(self, func: Any) -> bytes:
         blob = self._blobs.get(func)
@@ -374,7 +374,7 @@ class _Process:
         thread.
         """
         try:
-            _wait_children(att, _post_children(att, ids, datas, final))
+            wait_reply(att, att.send_children(ids, datas, final))
         except BaseException as exc:
             self.send(("added", portable_error(exc)))
         else:
@@ -496,8 +496,8 @@ def _with_process(data: str | None, facts: dict[str, Any]) -> str:
 class _Link:
     """The worker's end of the pipe: a listener thread reads it, the main thread runs tasks.
 
-    It is also the ``coord`` of the attempt context, so that ``add_children_tasks`` sends its
-    chunks over the pipe exactly as a thread posts them to the coordinator.
+    It is also the child sink of the attempt context, so that ``add_children_tasks`` sends its
+    chunks over the pipe as a thread sends them to the coordinator.
     """
 
     def __init__(self, conn: Any) -> None:
@@ -513,11 +513,12 @@ class _Link:
         with self._send_lock:
             self.conn.send(msg)
 
-    def post(self, msg: tuple[Any, ...]) -> None:
-        # children.py posts ("add", uid, ids, datas, reply, final) and waits on reply later.
-        _, _, ids, datas, reply, final = msg
+    def add(self, ids: list[str], datas: list[str], final: bool) -> Reply:
+        # Answered by the server's "added" messages, in order; add_children_tasks waits on it.
+        reply = Reply()
         self.replies.append(reply)
         self.send(("add", ids, datas, final))
+        return reply
 
     def alive(self) -> bool:
         return self.thread.is_alive()
