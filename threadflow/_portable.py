@@ -1,7 +1,7 @@
 """What an attempt takes to another process, and what it brings back.
 
 Shared by the two ways an attempt leaves the server's process: a subprocess attempt
-(:mod:`threadflow.processes`) and an attempt in a remote executor (:mod:`threadflow.executors`).
+(``threadflow.processes``) and an attempt in a remote executor (``threadflow.executors``).
 Both send a copy of the run's state (its entries that pickle), run the task function there with
 a stand-in attempt context, and bring back the result as event data and an exception that
 pickles if it can.
@@ -138,7 +138,7 @@ def load_error(blob: bytes | None, att: Any, data: str, where: str) -> BaseExcep
 
 
 def portable_error(exc: BaseException) -> BaseException:
-    """``exc`` if it survives a pickle round trip, else a :class:`ThreadflowError` saying it."""
+    """``exc`` if it survives a pickle round trip, else a ``ThreadflowError`` saying it."""
     try:
         pickle.loads(pickle.dumps(exc, PICKLE))
     except Exception:
@@ -161,7 +161,7 @@ class ChildSink(Protocol):
 
 
 class RemoteAttempt:
-    """The attempt context in another process (a :class:`~threadflow.messages.AttemptContext`),
+    """The attempt context in another process (a ``AttemptContext``),
     what ``current_token()`` and ``add_children_tasks()`` reach there."""
 
     __slots__ = ("token", "sink", "task_name", "child_json", "has_children", "run_id")

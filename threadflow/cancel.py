@@ -1,8 +1,8 @@
 """Cancel tokens: how a running attempt learns that it should stop.
 
 Cancellation is cooperative for threads: the coordinator cancels the token (timeout, a failed
-run, ``stop()``) and the task notices it through :func:`sleep`, :meth:`CancelToken.wait`,
-:meth:`CancelToken.raise_if_cancelled` or :attr:`CancelToken.cancelled`. A thread that never
+run, ``stop()``) and the task notices it through ``sleep``, ``CancelToken.wait``,
+``CancelToken.raise_if_cancelled`` or ``CancelToken.cancelled``. A thread that never
 looks is abandoned, not joined.
 """
 
@@ -78,7 +78,7 @@ class CancelToken:
             callback()
 
     def raise_if_cancelled(self) -> None:
-        """Raise :class:`~threadflow.CancelledError` if the attempt has been cancelled."""
+        """Raise ``CancelledError`` if the attempt has been cancelled."""
         if self._cancelled:
             raise CancelledError(self.reason or "cancelled")
 
@@ -125,7 +125,7 @@ def current_token() -> CancelToken:
 def sleep(seconds: float) -> None:
     """Sleep that wakes on cancel: inside a task it is ``current_token().wait(seconds)``.
 
-    Outside a task it is a plain :func:`time.sleep`.
+    Outside a task it is a plain ``time.sleep``.
 
     :raises CancelledError: when the running attempt is cancelled during the sleep.
     """

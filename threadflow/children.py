@@ -32,7 +32,7 @@ def encode_id(task: str, child_id: Any) -> str:
     """The canonical JSON text of a child id (``1``, ``1.0`` and ``True`` stay distinct).
 
     :raises TypeError: naming the child, if the id is not a JSON scalar or a list of them
-        (:class:`EncodeError` if it is one JSON cannot hold: nan, an int too long to print).
+        (``EncodeError`` if it is one JSON cannot hold: nan, an int too long to print).
     """
     if not _valid_id(child_id):
         raise TypeError(
@@ -98,7 +98,7 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
     """Add children ``(child_id, payload)`` to the running task; they are durable on return.
 
     ``children`` may be any iterable, a generator included: it is consumed in chunks of
-    :data:`CHUNK`, at most :data:`IN_FLIGHT` of them sent ahead to the coordinator; the call
+    ``CHUNK``, at most ``IN_FLIGHT`` of them sent ahead to the coordinator; the call
     returns once the last chunk is committed. The children start once the calling attempt
     succeeds, and are discarded if it fails.
 
@@ -132,7 +132,7 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
 
 
 def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> None:
-    """Add one child; see :func:`add_children_tasks`."""
+    """Add one child; see ``add_children_tasks``."""
     ctx = _attempt_for(state, "add_child_task")
     ctx.token.raise_if_cancelled()
     cid, data = _encode_child(ctx.task_name, (child_id, payload), ctx.child_json or "null")

@@ -1,7 +1,7 @@
-"""A flow's definition: :func:`task`, ``ALL_OVER``, and the checks made when the class is made.
+"""A flow's definition: ``task``, ``ALL_OVER``, and the checks made when the class is made.
 
-A flow is a class; each :func:`task` attribute is a stage. :func:`check_flow` turns the class's
-tasks into a :class:`FlowDefinition` or raises :class:`FlowDefinitionError` naming the flow, the
+A flow is a class; each ``task`` attribute is a stage. ``check_flow`` turns the class's
+tasks into a ``FlowDefinition`` or raises ``FlowDefinitionError`` naming the flow, the
 task and the fix, so a bad flow fails at import, not in the middle of a run. Nothing here runs
 anything: the engine reads the definition, the definition knows nothing of the engine.
 """
@@ -39,7 +39,7 @@ _MISSING: Any = _Missing()
 
 @dataclass(eq=False)
 class TaskSpec:
-    """One stage of a flow, as written with :func:`task`. Checked when the flow class is made."""
+    """One stage of a flow, as written with ``task``. Checked when the flow class is made."""
 
     task_func: Any
     child_task_func: Any
@@ -99,7 +99,7 @@ def task(
     executor: str | None = None,
     child_executor: str | None = None,
 ) -> TaskSpec:
-    """Declare a task of a :class:`Flow`; the attribute name is the task name.
+    """Declare a task of a ``Flow``; the attribute name is the task name.
 
     :param task_func: ``f(state)``, the parent attempt (required).
     :param child_task_func: ``f(child, state)`` with ``child == (child_id, payload)``; required
@@ -188,7 +188,7 @@ def _main_reimportable() -> bool:
     """Whether a fresh interpreter can import this program's ``__main__`` again.
 
     It can for a script (``python app.py``) and a module (``python -m pkg.mod``): the worker
-    process runs it again under the name ``__mp_main__``, as :mod:`multiprocessing` does, so
+    process runs it again under the name ``__mp_main__``, as ``multiprocessing`` does, so
     its top-level code must be guarded by ``if __name__ == "__main__":``. It cannot for an
     interactive session, ``python -c``, a notebook, or a package's ``__main__.py``.
     """

@@ -1,4 +1,4 @@
-"""The exceptions threadflow raises, all but one sharing :class:`ThreadflowError`."""
+"""The exceptions threadflow raises, all but one sharing ``ThreadflowError``."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class EncodeError(ThreadflowError, TypeError):
     Raised for a child id, payload or return value that JSON cannot hold faithfully: a float
     that is ``nan`` or infinite (not JSON), an int of more than 4,300 digits, a structure that
     contains itself, or a type that is not plain data. The message names what and says what
-    to pass instead. It is a :class:`TypeError`, as documented for bad children.
+    to pass instead. It is a ``TypeError``, as documented for bad children.
     """
 
 
@@ -147,7 +147,7 @@ class ProcessDiedError(ThreadflowError):
     :ivar attempt: the attempt number.
     :ivar pid: the process id.
     :ivar exitcode: the exit status; ``-N`` when a signal ``N`` ended it (as in
-        :attr:`subprocess.Popen.returncode`); None if it could not be reaped.
+        ``subprocess.Popen.returncode``); None if it could not be reaped.
     :ivar signal: the name of that signal (``"SIGKILL"``, ``"SIGSEGV"``…), or None.
     :ivar killed: why threadflow killed it (``"timeout"``, ``"run_over"``, ``"stop"``), or None
         when it died by itself.
@@ -193,7 +193,7 @@ def _signal_name(exitcode: int | None) -> str | None:
 class CancelledError(_Picklable, BaseException):
     """The current attempt was cancelled (timeout, a failed run, or ``stop()``).
 
-    It derives from :class:`BaseException`, like :class:`asyncio.CancelledError`, so that
+    It derives from ``BaseException``, like ``asyncio.CancelledError``, so that
     ``except Exception:`` in task code does not swallow a cancellation by accident.
 
     :ivar reason: ``"timeout"``, ``"run_over"`` or ``"stop"``.

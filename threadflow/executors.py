@@ -1,13 +1,13 @@
-"""Attempts in the user's :class:`concurrent.futures.Executor`\\ s: in this process, or remote.
+"""Attempts in the user's ``concurrent.futures.Executor``\\ s: in this process, or remote.
 
 ``start_link(executor=..., executors={...})`` gives a server executors, and ``task(executor=,
 child_executor=)`` picks one by name. There are two kinds:
 
-* **In-process**: a :class:`~concurrent.futures.ThreadPoolExecutor` (or a subclass) runs
-  :func:`~threadflow.isolation.run_attempt` in its threads, exactly like the server's own
+* **In-process**: a ``ThreadPoolExecutor`` (or a subclass) runs
+  ``run_attempt`` in its threads, exactly like the server's own
   threads (without their hand-over of children between attempts).
-* **Remote**: every other executor (:class:`~concurrent.futures.ProcessPoolExecutor`, Dask's
-  ``Client.get_executor()``, anything unknown) runs :func:`_run_remote` on a picklable job: the
+* **Remote**: every other executor (``ProcessPoolExecutor``, Dask's
+  ``Client.get_executor()``, anything unknown) runs ``_run_remote`` on a picklable job: the
   task function (by import name when it has one), the child, a copy of the state's picklable
   entries and the seconds left until the deadline. There, ``add_children_tasks`` checks and
   encodes children as in a thread but keeps them in memory; they come back with the outcome and
@@ -186,8 +186,8 @@ class RemotePool:
     def submit(self, fn: Callable[[Any], None], att: Any) -> None:
         """Send ``att`` to the executor; the future's done callback posts its outcome.
 
-        ``fn`` (:func:`~threadflow.isolation.run_attempt`, which runs an attempt in this
-        process) is not used: the executor's worker runs :func:`_run_remote`. Never raises.
+        ``fn`` (``run_attempt``, which runs an attempt in this
+        process) is not used: the executor's worker runs ``_run_remote``. Never raises.
         Called on the coordinator thread, right after ``att.deadline`` was set.
         """
         try:
@@ -292,7 +292,7 @@ class RemotePool:
 def _pickling_failed(exc: BaseException) -> bool:
     """Whether ``exc`` says that a job did not pickle.
 
-    Only :class:`pickle.PicklingError` is certain. A function that has no import name (a
+    Only ``pickle.PicklingError`` is certain. A function that has no import name (a
     lambda, a nested function) fails with an AttributeError whose wording depends on the Python
     version ("Can't pickle local object" up to 3.12, "Can't get local object" in 3.13), and an
     object that refuses pickling with a TypeError ("cannot pickle '_thread.lock' object"); so

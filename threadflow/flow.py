@@ -1,7 +1,7 @@
-"""The :class:`Flow` base class: what a user subclasses, starts, runs and stops.
+"""The ``Flow`` base class: what a user subclasses, starts, runs and stops.
 
-A flow is a class whose :func:`~threadflow.definition.task` attributes are its stages; the
-definition is checked when the class is made (:mod:`threadflow.definition`). An instance is a
+A flow is a class whose ``task`` attributes are its stages; the
+definition is checked when the class is made (``threadflow.definition``). An instance is a
 *server*: it owns a coordinator thread and runs one flow at a time.
 """
 
@@ -52,7 +52,7 @@ class _ServerOrClass:
     """A method with a server form and a class form, as the seed's API has them.
 
     ``server.start_flow(entrance=...)`` calls the decorated function; ``Example.start_flow(
-    name_or_server, ...)`` calls the one given to :meth:`on_class`. Either is a real method
+    name_or_server, ...)`` calls the one given to ``on_class``. Either is a real method
     object with its own signature and docstring, for ``help()`` and the API pages.
     """
 
@@ -62,6 +62,9 @@ class _ServerOrClass:
         functools.update_wrapper(self, on_server)  # type: ignore[arg-type]
 
     def on_class(self, func: Callable[..., Any]) -> classmethod[Any, Any, Any]:
+        # help(Example.replay) names it replay, not the private name it is defined under.
+        func.__name__ = self._on_server.__name__
+        func.__qualname__ = self._on_server.__qualname__
         self._on_class = func
         return classmethod(func)
 
@@ -73,7 +76,7 @@ class _ServerOrClass:
 
 
 class Flow:
-    """Base class of flows. Subclass it, declare tasks with :func:`task`, then ``start_link``.
+    """Base class of flows. Subclass it, declare tasks with ``task``, then ``start_link``.
 
     Class keyword ``server_name``: a string (registered in this process) or ``("global", name)``.
     Default: the class's qualified name. Class attributes: ``default_entrance`` (optional when

@@ -1,7 +1,7 @@
 """Where attempts run: the server's worker threads, and the code that runs one attempt.
 
 Subprocess attempts are driven from the same threads; their processes live in
-:mod:`threadflow.processes`. Attempts in the user's executors: :mod:`threadflow.executors`.
+``threadflow.processes``. Attempts in the user's executors: ``threadflow.executors``.
 
 Workers run user code and report an *outcome value* to the coordinator's inbox; they never
 raise into the engine and never touch run state (one owner: the coordinator).
@@ -24,12 +24,12 @@ from .messages import Done
 def run_attempt(att: Any) -> None:
     """Run an attempt in this thread and post its outcome to the coordinator.
 
-    The message is a :class:`~threadflow.messages.Done`. If the attempt
+    The message is a ``Done``. If the attempt
     succeeded and its stage has a standby child, this worker takes it at once and runs it in
     the finished attempt's slot (``next``, started at ``started``), so that a stream of children
     does not wait for a coordinator turn between two of them. The attempt is this thread's
     context while it runs, so that ``current_token()`` and ``add_children_tasks()`` find it.
-    A subprocess attempt is handed to a worker process (:mod:`threadflow.processes`); this
+    A subprocess attempt is handed to a worker process (``threadflow.processes``); this
     thread drives it and posts its outcome the same way (it hands nothing over).
     """
     if att.stage.spec.isolation == "subprocess":

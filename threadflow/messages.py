@@ -1,11 +1,11 @@
 """What reaches a coordinator's inbox, and what task code sees of its attempt.
 
 Workers and callers never touch run state: they post one of the messages below and, where
-they must wait, wait on a :class:`Reply`. Every message is a small slotted object, so that a
+they must wait, wait on a ``Reply``. Every message is a small slotted object, so that a
 reader of the coordinator sees its fields by name (CPython's ``concurrent.futures`` work items
 are the model: a worker never raises, it reports).
 
-Task code reaches its attempt through :class:`AttemptContext` (``current_token()``,
+Task code reaches its attempt through ``AttemptContext`` (``current_token()``,
 ``add_children_tasks()``): a thread attempt, a subprocess attempt and a remote attempt each
 implement it where the task runs.
 """

@@ -1,8 +1,8 @@
 """Subprocess attempts: a server's worker processes and the two ends of the pipe to each.
 
 A subprocess attempt is still driven by one of the server's worker threads
-(:func:`threadflow.isolation.run_attempt`). That thread takes a worker process from the server's
-:class:`ProcessPool`, sends it the attempt, relays the children the task adds to the coordinator
+(``threadflow.isolation.run_attempt``). That thread takes a worker process from the server's
+``ProcessPool``, sends it the attempt, relays the children the task adds to the coordinator
 (with the protocol thread attempts use, so they are durable when the call returns), watches the
 attempt's cancel token, and finally posts the outcome to the coordinator like a thread attempt.
 The coordinator does not know that a process was involved.
@@ -61,7 +61,7 @@ REAP_WAIT = 5.0
 
 
 class _Wake:
-    """Per-select markers returned by :meth:`_Process.next_message`."""
+    """Per-select markers returned by ``_Process.next_message``."""
 
 
 _WOKEN = _Wake()  # the token was (maybe) cancelled
@@ -73,7 +73,7 @@ class ProcessPool:
     """The worker processes of one server: warm ones kept idle, busy ones tracked for killing.
 
     Made by the coordinator; starts no process until a subprocess attempt needs one. Any worker
-    thread may call :meth:`run`; :meth:`shutdown` (the coordinator, at its end, or ``atexit``)
+    thread may call ``run``; ``shutdown`` (the coordinator, at its end, or ``atexit``)
     kills every process, busy or idle, and reaps them.
     """
 
@@ -101,7 +101,7 @@ class ProcessPool:
     # -- one attempt (a worker thread) -------------------------------------------------------
 
     def run(self, att: Any) -> None:
-        """Run ``att`` in a worker process; post its :class:`~threadflow.messages.Done` after.
+        """Run ``att`` in a worker process; post its ``Done`` after.
 
         Never raises: every failure becomes the attempt's outcome, as in a thread attempt.
         """
@@ -258,9 +258,9 @@ class ProcessPool:
 class _Process:
     """One worker process and the server's end of its pipe.
 
-    One driving thread at a time uses :meth:`attempt`; :meth:`kill_group` and
-    :meth:`terminate` may be called from any thread (the pool's shutdown). Only the owner calls
-    :meth:`close`, so that no file descriptor is closed under a thread waiting on it.
+    One driving thread at a time uses ``attempt``; ``kill_group`` and
+    ``terminate`` may be called from any thread (the pool's shutdown). Only the owner calls
+    ``close``, so that no file descriptor is closed under a thread waiting on it.
     """
 
     def __init__(self, mp: Any, name: str, preload: tuple[bytes, ...]) -> None:
@@ -443,7 +443,7 @@ class _Process:
                     pass
 
     def terminate(self, reason: str | None) -> None:
-        """Kill the group and reap the process, waiting at most :data:`REAP_WAIT` seconds.
+        """Kill the group and reap the process, waiting at most ``REAP_WAIT`` seconds.
 
         ``reason`` None: the process died by itself (or is let go); its group is killed all the
         same so that nothing it started outlives it.
@@ -476,7 +476,7 @@ class _Process:
                 self.killed = None  # it ended on its own before the kill reached it
 
     def close(self) -> None:
-        """Release the pipe and descriptors (the owner only, after :meth:`terminate`)."""
+        """Release the pipe and descriptors (the owner only, after ``terminate``)."""
         self._selector.close()
         for end in (self.conn, self._wake_r, self._wake_w):
             end.close()

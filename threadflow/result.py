@@ -1,4 +1,4 @@
-"""What a run gives back: :class:`RunResult`, and :class:`RunHandle` to wait for it."""
+"""What a run gives back: ``RunResult``, and ``RunHandle`` to wait for it."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class RunResult:
 
 
 class RunHandle:
-    """A run that was started: its id, and its :class:`RunResult` once it ends."""
+    """A run that was started: its id, and its ``RunResult`` once it ends."""
 
     def __init__(self, run_id: str, start_time: Any) -> None:
         self.run_id = run_id

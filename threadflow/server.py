@@ -1,11 +1,11 @@
 """A server's own state, and the registry of this process's servers.
 
-One owner for each piece: a :class:`ServerCore` owns its name's entry in the registry, its one
+One owner for each piece: a ``ServerCore`` owns its name's entry in the registry, its one
 run slot and its stopped flag, under one lock that is never held across user code or a wait.
-The :class:`~threadflow.Flow` object (the user's handle) and the coordinator (which runs the
+The ``Flow`` object (the user's handle) and the coordinator (which runs the
 runs) both go through its methods; neither touches the other's fields.
 
-Replay admission lives here too, in one function (:func:`replay_refusal`): the caller asks it
+Replay admission lives here too, in one function (``replay_refusal``): the caller asks it
 early for a quick, clear refusal, and the coordinator asks it again, authoritatively, while it
 holds the store's write lock.
 """
@@ -50,7 +50,7 @@ def holder_of(run_id: str, besides: ServerCore | None = None) -> ServerCore | No
 
 @dataclass(frozen=True)
 class Settings:
-    """A server's tunables, read once from its flow class's attributes (see :class:`Flow`)."""
+    """A server's tunables, read once from its flow class's attributes (see ``Flow``)."""
 
     abandon_grace: float
     stop_grace: float
@@ -73,7 +73,7 @@ class ServerCore:
     """What a running server is, apart from its coordinator: name, run slot, stopped flag.
 
     :ivar name: the server name (a string, or ``("global", name)``).
-    :ivar flow: the :class:`~threadflow.Flow` object: the sender of the server's signals.
+    :ivar flow: the ``Flow`` object: the sender of the server's signals.
     """
 
     def __init__(self, name: Any, flow: Any) -> None:
@@ -166,8 +166,8 @@ def replay_refusal(
 
     :param row: the run's ``(outcome, pid, host, heartbeat)`` in the store, or None if the
         store has no such run.
-    :returns: a :class:`ReplayError` (unknown run, still running here or elsewhere) or a
-        :class:`ValueError` (it ended ``all_over``), to raise.
+    :returns: a ``ReplayError`` (unknown run, still running here or elsewhere) or a
+        ``ValueError`` (it ended ``all_over``), to raise.
     """
     if row is None:
         return ReplayError(run_id, f"there is no run {run_id!r} in {path!r}")

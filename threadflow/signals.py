@@ -6,7 +6,7 @@ there is one, ``error``. Receivers run one at a time and should not block: the c
 for them. A receiver that raises is logged (logger ``threadflow``) and recorded as a
 ``callback_error`` event; the other receivers and the run go on.
 
-Signals live in a private :class:`blinker.Namespace`, not blinker's global one.
+Signals live in a private ``blinker.Namespace``, not blinker's global one.
 """
 
 from __future__ import annotations
