@@ -25,10 +25,12 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+from blinker import NamedSignal
+
 from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken, current_context
-from .definition import FlowDefinition
+from .definition import FlowDefinition, TaskSpec
 from .errors import (
     CancelledError,
     DuplicateChildError,
@@ -38,12 +40,14 @@ from .errors import (
 )
 from .events import decode_id, describe, error_data, error_json, safe_repr
 from .executors import make_pools
+from .history import RunHistory
 from .isolation import ThreadPool, run_attempt
 from .messages import (
     AddChildren,
     Carried,
     Done,
     Message,
+    Pool,
     ReplayRun,
     Reply,
     StartRun,
@@ -120,7 +124,7 @@ class _Stage:
         "handover",
     )
 
-    def __init__(self, name: str, spec: Any, run: _Run, pools: tuple[Any, Any]) -> None:
+    def __init__(self, name: str, spec: TaskSpec, run: _Run, pools: tuple[Pool, Pool]) -> None:
         self.name = name
         self.spec = spec
         self.run = run
@@ -251,7 +255,7 @@ class Coordinator:
         return_to: Any,
         placed: dict[str, Any],
         extra_state: dict[str, Any],
-        handlers: list[tuple[Any, Callable[..., Any]]],
+        handlers: list[tuple[NamedSignal, Callable[..., Any]]],
     ) -> None:
         """
         :param core: the server's name, run slot and stopped flag (the coordinator takes and
@@ -288,7 +292,9 @@ class Coordinator:
         self._uids = itertools.count(1)
         self.attempts: dict[int, _Attempt] = {}  # current attempts: their outcome counts
         self.cancelled: dict[int, _Attempt] = {}  # cancelled, thread not returned yet
-        self._heap: list[tuple[float, int, str, Any]] = []  # retry delays, abandon grace
+        # Retry delays and abandon graces: (when, tie-breaker, "retry", (stage, retry item)) or
+        # (when, tie-breaker, "grace", attempt uid).
+        self._heap: list[tuple[float, int, str, Any]] = []
         self._hseq = itertools.count()
         self.run: _Run | None = None
         self.now = 0.0
@@ -297,14 +303,14 @@ class Coordinator:
         self._exit = False
         # Work of the current turn, done in _flush after the commit.
         self._rows: list[tuple[Any, ...]] = []
-        self._sigs: list[tuple[Any, dict[str, Any]]] = []
+        self._sigs: list[tuple[NamedSignal, dict[str, Any]]] = []
         self._submit: list[_Attempt] = []
-        self._replies: list[Any] = []
+        self._replies: list[Reply] = []
         # Results decided this turn, delivered once their final event is committed.
         self._after: list[tuple[RunHandle, RunResult]] = []
         # Results whose final event is committed, being delivered (what _crash must not lose).
         self._delivering: list[tuple[RunHandle, RunResult]] = []
-        self._handlers: list[tuple[Any, Callable[..., None]]] = []
+        self._handlers: list[tuple[NamedSignal, Callable[..., None]]] = []
         self._host = socket.gethostname()
         name_ = core.name
         #: The global name this server owns in its store, or None for a local name.
@@ -375,7 +381,7 @@ class Coordinator:
     def _disconnect_handlers(self) -> None:
         for sig, receiver in self._handlers:
             # From every sender: blinker keeps a receiver disconnected from one sender only in
-            # Signal.receivers, which would keep this server alive for ever.
+            # NamedSignal.receivers, which would keep this server alive for ever.
             sig.disconnect(receiver)
         self._handlers.clear()
 
@@ -663,7 +669,14 @@ class Coordinator:
     ) -> None:
         self._rows.append((run_id, self._stamp(), kind, task, child, attempt, ref, data))
 
-    def _signal(self, sig: Any, run: _Run, task: Any, attempt: int | None, **error: Any) -> None:
+    def _signal(
+        self,
+        sig: NamedSignal,
+        run: _Run,
+        task: Any,
+        attempt: int | None,
+        **error: BaseException | None,
+    ) -> None:
         # Nobody listening: nothing is built (no per-child cost).
         if sig.receivers and sig.has_receivers_for(self.sender):
             if isinstance(task, _Attempt):
@@ -741,7 +754,7 @@ class Coordinator:
         self._signal(signals.start_flow, run, None, None)
         self._start_stage(run, entrance)
 
-    def _on_replay(self, handle: RunHandle, history: Any, reply: Any) -> None:
+    def _on_replay(self, handle: RunHandle, history: RunHistory, reply: Reply) -> None:
         """Continue a run from its log: finished work stays finished, the rest runs again.
 
         ``history`` was folded by the caller (off this thread); the claim on the run is taken
@@ -766,6 +779,7 @@ class Coordinator:
         self.core.running = handle.run_id
         reply.set()
         entrance = history.entrance
+        assert entrance is not None  # check_same_flow refused a log without a known entrance
         reachable = d.reachable(entrance)
         tasks = history.tasks
         finished = {n for n in reachable if n in tasks and tasks[n].all_over}
@@ -941,7 +955,7 @@ class Coordinator:
         log.debug("threadflow: ignored the late outcome of %r attempt %d", att.task(), att.number)
 
     def _on_add(
-        self, uid: int, ids: list[str], datas: list[str], reply: Any, final: bool = True
+        self, uid: int, ids: list[str], datas: list[str], reply: Reply, final: bool = True
     ) -> None:
         """Insert a chunk of children of a current attempt, held until it succeeds.
 
@@ -1350,7 +1364,7 @@ class Coordinator:
         while self._delivering:
             self._deliver(*self._delivering.pop(0))
 
-    def _send(self, sig: Any, kwargs: dict[str, Any]) -> None:
+    def _send(self, sig: NamedSignal, kwargs: dict[str, Any]) -> None:
         """Call each receiver; one that raises is logged and recorded, the others still run."""
         for receiver in sig.receivers_for(self.sender):
             try:

@@ -400,6 +400,8 @@ def check_same_flow(definition: FlowDefinition, history: Any) -> None:
     """:raises ReplayError: naming each difference between the flow and the one that wrote
     the log (other task options may change between runs: that is what a fix looks like)."""
     problems = []
+    if history.entrance not in definition.tasks:
+        problems.append(f"its log names no entrance of this flow ({history.entrance!r})")
     if history.flow is not None and history.flow != definition.name:
         problems.append(f"it was written by flow {history.flow!r}")
     recorded = history.definition

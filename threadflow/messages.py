@@ -13,6 +13,7 @@ implement it where the task runs.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -97,6 +98,14 @@ class Stop:
 
 
 Message = Done | AddChildren | Carried | StartRun | ReplayRun | Stop
+
+
+class Pool(Protocol):
+    """Where the coordinator hands an attempt to be run: the server's threads, an executor's
+    threads, or a remote executor (``executors.py``)."""
+
+    def submit(self, fn: Callable[[Any], None], att: Any) -> None:
+        """Run ``fn(att)`` soon; ``fn`` posts the attempt's ``Done`` itself."""
 
 
 class AttemptContext(Protocol):
