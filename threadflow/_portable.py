@@ -17,7 +17,7 @@ import warnings
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from .cancel import CancelToken, _local
+from .cancel import CancelToken, enter_attempt
 from .errors import ThreadflowError
 from .events import decode_id, encode_result, error_data
 from .messages import Reply
@@ -224,7 +224,7 @@ def run_job(
                     f"not unpickle in {where} ({exc!r}); put plain data there"
                 ) from exc
         view = MappingProxyType(state)
-        _local.ctx = ctx
+        enter_attempt(ctx)
         if ctx.child_json is None:
             value = func(view)
         else:
@@ -240,4 +240,4 @@ def run_job(
             blob = None
         return ("exit", blob, json.dumps({"error": error_data(exc)}))
     finally:
-        _local.ctx = None
+        enter_attempt(None)

@@ -62,12 +62,13 @@ class CancelToken:
             event.set()
         return event
 
-    def _on_cancel(self, callback: Callable[[], None]) -> None:
+    def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the token is cancelled (at once if it already is).
 
-        Engine internal: it wakes the thread that drives a subprocess attempt. The callback runs
-        in the cancelling thread (usually the coordinator), so it must be quick and must not
-        raise; it may run twice when registering races with cancelling.
+        The engine uses it to wake the thread that drives a subprocess attempt or to cancel a
+        remote future. The callback runs in the cancelling thread (usually the coordinator),
+        so it must be quick and must not raise; it may run twice when registering races with
+        cancelling.
         """
         # Append, then look: whichever order this and cancel() interleave in, the callback
         # runs at least once after the token is cancelled.
@@ -101,6 +102,11 @@ class _Local(threading.local):
 
 
 _local = _Local()
+
+
+def enter_attempt(ctx: AttemptContext | None) -> None:
+    """Make ``ctx`` this thread's running attempt (None: the attempt has ended)."""
+    _local.ctx = ctx
 
 
 def current_context() -> AttemptContext | None:

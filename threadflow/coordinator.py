@@ -55,7 +55,7 @@ from .messages import (
 )
 from .processes import ProcessPool
 from .remote import check_request
-from .result import RunHandle, RunResult
+from .result import RunHandle, RunResult, settle
 from .server import ServerCore, Settings, replay_refusal
 from .store import HEARTBEAT, EventStore, Writer
 
@@ -1391,7 +1391,7 @@ class Coordinator:
         if self.core.running == handle.run_id:
             self.core.running = None
         self.core.release_slot(handle)
-        handle._set(result)
+        settle(handle, result)
         target = self.return_to
         if target is None:
             return

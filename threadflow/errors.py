@@ -161,7 +161,7 @@ class ProcessDiedError(ThreadflowError):
         exitcode: int | None,
         killed: str | None = None,
     ) -> None:
-        sig = _signal_name(exitcode)
+        sig = signal_name(exitcode)
         if killed is not None:
             how = f"was killed with {sig or 'SIGKILL'} by threadflow after the attempt was " + (
                 f"cancelled ({killed}) and did not return in time"
@@ -181,7 +181,7 @@ class ProcessDiedError(ThreadflowError):
         self.killed = killed
 
 
-def _signal_name(exitcode: int | None) -> str | None:
+def signal_name(exitcode: int | None) -> str | None:
     if exitcode is None or exitcode >= 0:
         return None
     try:

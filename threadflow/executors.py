@@ -213,7 +213,7 @@ class RemotePool:
         # The token's callback reaches the future through a list that _done empties: no
         # reference cycle keeps a finished future (and Dask's copy of its result) alive.
         pending = [future]
-        att.token._on_cancel(lambda: self._cancel_later(pending))
+        att.token.on_cancel(lambda: self._cancel_later(pending))
         future.add_done_callback(lambda done: self._done(att, done, pending))
 
     def _cancel_later(self, pending: list[Any]) -> None:

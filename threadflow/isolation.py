@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._clock import monotonic
-from .cancel import _local
+from .cancel import enter_attempt
 from .events import decode_id, encode_result, error_json
 from .messages import Done
 
@@ -43,7 +43,7 @@ def run_attempt(att: Any) -> None:
     worker = threading.current_thread().name
     while att is not None:
         att.worker = worker
-        _local.ctx = att
+        enter_attempt(att)
         try:
             spec = att.stage.spec
             if att.child_json is None:
@@ -56,7 +56,7 @@ def run_attempt(att: Any) -> None:
         except BaseException as exc:  # the engine decides; a worker never raises
             value, error, data = None, exc, error_json(exc)
         finally:
-            _local.ctx = None
+            enter_attempt(None)
             att.returned = True
         nxt = None
         standby = att.stage.standby

@@ -49,7 +49,7 @@ from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
 from .cancel import CancelToken
 from .children import wait_reply
-from .errors import CancelledError, ProcessDiedError, _signal_name
+from .errors import CancelledError, ProcessDiedError, signal_name
 from .events import error_data
 from .messages import Done, Reply
 
@@ -112,7 +112,7 @@ class ProcessPool:
             if att.token.cancelled:  # cancelled before it began: do not start a process for it
                 raise CancelledError(att.token.reason or "cancelled")
             proc = self._acquire()
-            att.token._on_cancel(proc.wake)
+            att.token.on_cancel(proc.wake)
             error, data, reuse = proc.attempt(att, job, self.grace, self._spare)
         except BaseException as exc:  # the engine decides; a worker never raises
             error, data = exc, json.dumps({"error": error_data(exc)})
@@ -405,7 +405,7 @@ class _Process:
         return {
             "pid": self.pid,
             "exitcode": self.exitcode,
-            "signal": _signal_name(self.exitcode),
+            "signal": signal_name(self.exitcode),
             "killed": self.killed,
         }
 

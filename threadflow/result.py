@@ -41,6 +41,11 @@ class RunResult:
         return f"RunResult(outcome={self.outcome!r}, run_id={self.run_id!r}{extra})"
 
 
+def settle(handle: RunHandle, result: RunResult | None, exc: BaseException | None = None) -> None:
+    """Give ``handle`` its result (the engine's side of ``RunHandle.result``)."""
+    handle._set(result, exc)
+
+
 class RunHandle:
     """A run that was started: its id, and its ``RunResult`` once it ends."""
 
