@@ -433,3 +433,78 @@ def test_exit_event_stores_the_error_as_data(store_path):
     assert error["type"].endswith("ValueError")
     assert error["message"] == "boom 1"
     assert "fail_always" in error["traceback"]
+
+
+# --- NoRetry: programming errors fail at once -------------------------------------------------
+
+
+def refuse_to_retry(state):
+    state["calls"].append("work")
+    try:
+        int("not a number")
+    except ValueError as exc:
+        raise threadflow.NoRetry("the input is not a number") from exc
+
+
+def add_refusing_children(state):
+    add_children_tasks([(0, None), (1, None)], state)
+
+
+def child_refuses(child, state):
+    state["calls"].append(child[0])
+    raise threadflow.NoRetry(f"child {child[0]} cannot be done")
+
+
+def add_unencodable_payload(state):
+    state["calls"].append("split")
+    add_children_tasks([(0, float("nan"))], state)
+
+
+class RefusesRetry(Flow):
+    work = task(task_func=refuse_to_retry, task_retry_limit=5, next=ALL_OVER)
+
+
+class ChildrenRefuse(Flow):
+    split = task(
+        task_func=add_refusing_children,
+        child_task_func=child_refuses,
+        task_retry_limit=5,
+        exit_on_failed=False,
+        next=ALL_OVER,
+    )
+
+
+class BadPayload(Flow):
+    split = task(
+        task_func=add_unencodable_payload,
+        child_task_func=lambda child, state: None,
+        task_retry_limit=5,
+        retry_on=lambda error: True,  # not asked: NoRetry wins
+        next=ALL_OVER,
+    )
+
+
+def test_no_retry_fails_the_task_after_one_attempt_keeping_its_cause(store_path):
+    res = RefusesRetry.run(store=store_path, calls=(calls := []))
+    assert res.outcome == "failed_over"
+    assert calls == ["work"]
+    assert isinstance(res.error, threadflow.NoRetry)
+    assert isinstance(res.error.__cause__, ValueError)
+    assert not EventStore(store_path).events(res.run_id, "retry")
+    [exit_event] = EventStore(store_path).events(res.run_id, "exit")
+    assert "ValueError" in exit_event.data["error"]["traceback"]  # the cause is kept
+
+
+def test_a_child_raising_no_retry_is_tolerated_after_one_attempt(store_path):
+    res = ChildrenRefuse.run(store=store_path, calls=(calls := []))
+    assert res.outcome == "all_over"
+    assert sorted(res.failed) == [("split", 0), ("split", 1)]
+    assert sorted(calls) == [0, 1]
+
+
+def test_a_payload_that_cannot_be_stored_is_not_retried(store_path):
+    res = BadPayload.run(store=store_path, calls=(calls := []))
+    assert res.outcome == "failed_over"
+    assert isinstance(res.error, threadflow.EncodeError)
+    assert isinstance(res.error, threadflow.NoRetry)
+    assert calls == ["split"]

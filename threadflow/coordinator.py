@@ -35,6 +35,7 @@ from .errors import (
     CancelledError,
     DuplicateChildError,
     FlowRunning,
+    NoRetry,
     TaskTimeout,
     ThreadflowError,
 )
@@ -1030,7 +1031,7 @@ class Coordinator:
         )
 
     def _retries(self, att: _Attempt, error: BaseException) -> bool:
-        if att.number >= att.stage.spec.attempts:
+        if att.number >= att.stage.spec.attempts or isinstance(error, NoRetry):
             return False
         try:
             return bool(att.stage.spec.retries(error))

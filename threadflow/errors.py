@@ -89,13 +89,24 @@ class DuplicateChildError(ThreadflowError):
         self.child_id = child_id
 
 
-class EncodeError(ThreadflowError, TypeError):
+class NoRetry(ThreadflowError):
+    """Raise it in task code to fail the attempt without any further attempt.
+
+    For programming errors that another attempt cannot fix: ``raise NoRetry("bad input")``, or
+    ``raise NoRetry("cannot parse the page") from exc`` to keep the cause in the traceback.
+    The task fails at once, as if its retries were used up (a child with
+    ``exit_on_failed=False`` is then tolerated as usual); ``retry_on`` is not asked.
+    """
+
+
+class EncodeError(NoRetry, TypeError):
     """A value cannot be stored in the event log as it is.
 
     Raised for a child id, payload or return value that JSON cannot hold faithfully: a float
     that is ``nan`` or infinite (not JSON), an int of more than 4,300 digits, a structure that
     contains itself, or a type that is not plain data. The message names what and says what
-    to pass instead. It is a ``TypeError``, as documented for bad children.
+    to pass instead. It is a ``TypeError``, as documented for bad children, and a ``NoRetry``:
+    the same value would fail the next attempt too.
     """
 
 
