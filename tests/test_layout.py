@@ -71,7 +71,7 @@ def test_the_package_has_no_import_cycle():
         order = list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as exc:
         cycle = " -> ".join(exc.args[1])
-        raise AssertionError(f"threadflow's modules import each other in a cycle: {cycle}")
+        raise AssertionError(f"threadflow modules import each other in a cycle: {cycle}") from None
     assert order.index("events") < order.index("store") < order.index("coordinator")
     assert order.index("coordinator") < order.index("flow") < order.index("cli")
 
