@@ -20,8 +20,9 @@ from typing import Any
 
 from ._clock import monotonic, wall
 from .errors import FlowRunning, ThreadflowError
+from .events import owner_alive
 from .result import RunHandle, RunResult
-from .store import EventStore, connect, owner_alive
+from .store import EventStore, connect
 
 #: Seconds to wait for the owner to answer a request before giving up.
 ANSWER_TIMEOUT = 10.0

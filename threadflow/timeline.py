@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._text import printable
-from .events import FINAL_KINDS, Event
-from .history import RunHistory, fold
+from .events import FINAL_KINDS, Event, RunHistory, fold
 from .store import EventStore
 
 #: Child rows drawn one by one, at most (the rest are summed up in one row per task).
