@@ -555,6 +555,19 @@ class RunHistory:
             total += max(0.0, min(b, hi) - max(a, lo))
         return total
 
+    def task_seconds(self, name: str, now: str | None = None) -> float:
+        """Seconds task ``name`` has been running, in every segment (pauses not counted): from
+        its first event to its ``task_all_over``; else, while the run runs, to ``now`` (if
+        given); else to the end of the run's last segment."""
+        task = self.tasks.get(name)
+        if task is None:
+            return 0.0
+        if task.all_over:
+            return self.active_between(task.first_ts, task.ended)
+        if now is not None and self.segment_open:
+            return self.active_between(task.first_ts, now, live=True)
+        return self.active_between(task.first_ts, self.spans[-1].end if self.spans else None)
+
 
 def fold(events: Iterable[Event], run_id: str | None = None) -> RunHistory:
     """Fold a run's events, in seq order, into a :class:`RunHistory`.
