@@ -45,6 +45,7 @@ from .errors import StoreError, ThreadflowError
 from .events import KINDS, Event, RunHistory
 from .flow import Flow, FlowDefinition
 from .progress import EVERY, Progress, ProgressView
+from .result import RunHandle, RunResult
 from .store import FILE_MODE, EventStore, RunInfo, default_path
 
 #: Exit codes of every command.
@@ -625,7 +626,7 @@ FLOW_CLASS = FlowClass()
 # -- run and replay ----------------------------------------------------------------------------
 
 
-def _result_record(result: Any) -> dict[str, Any]:
+def _result_record(result: RunResult) -> dict[str, Any]:
     error = result.error
     return {
         "run_id": result.run_id,
@@ -640,7 +641,7 @@ def _refused(message: str, hint: str | None = None) -> NoReturn:
     raise CLIError(f"replay refused: {message}", hint)
 
 
-def _wait(handle: Any, view: ProgressView) -> Any:
+def _wait(handle: RunHandle, view: ProgressView) -> RunResult:
     """The run's result, redrawing the progress every :data:`threadflow.progress.EVERY` s."""
     while True:
         try:
@@ -799,7 +800,7 @@ def run_command(
     live = sys.stderr.isatty() if progress is None else progress
     counts: Progress | None = None
     view: ProgressView | None = None
-    handle: Any = None
+    handle: RunHandle | None = None
     try:
         try:
             handle = server.start_flow(entrance=entrance)
@@ -838,7 +839,7 @@ def run_command(
 
 
 def _report_result(
-    result: Any, path: str, as_json: bool, flow_cls: type, took: float | None
+    result: RunResult, path: str, as_json: bool, flow_cls: type, took: float | None
 ) -> None:
     """Print the outcome of ``run`` or ``replay`` (and on stderr what to do next), then exit
     with its code."""

@@ -669,7 +669,9 @@ class Writer:
         self, run_id: str, task: str, lo: int, hi: int, limit: int
     ) -> list[tuple[int, str, str]]:
         """As :meth:`read_children`, skipping children that already finished (for replay):
-        those with a ``task_over``, or a ``task_failed`` that was tolerated."""
+        those with a ``task_over``, or a ``task_failed`` that was tolerated. This is the SQL of
+        the fold's *finished* (``children_done`` and ``children_tolerated``);
+        ``tests/test_fold.py`` checks that the two agree."""
         return self.conn.execute(
             "SELECT a.seq, a.child_id, a.data FROM events a WHERE a.seq BETWEEN ? AND ? "
             "AND a.kind = 'child_added' AND NOT EXISTS (SELECT 1 FROM events o "

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._format import compact, duration, error_text, shorten
 from ._timeline_html import render
-from .events import FINAL_KINDS, Event, RunHistory, ts_seconds
+from .events import FINAL_KINDS, Event, RunHistory, TaskHistory, ts_seconds
 from .store import EventStore
 
 __all__ = ["MAX_ROWS", "Bar", "Marker", "Row", "Stage", "Timeline", "build", "render", "timeline"]
@@ -71,7 +71,7 @@ class Stage:
     """A task of the run, placed on the time axis; its counts are the fold's (``history``)."""
 
     name: str
-    history: Any = None  # its TaskHistory; None for a task that never started
+    history: TaskHistory | None = None  # None for a task that never started
     started: float | None = None  # seconds since the run began: its first event
     ended: float | None = None  # its task_all_over
     children_seen: int = 0  # distinct children that started
@@ -83,7 +83,7 @@ class Stage:
     @property
     def added(self) -> int:
         """Its children (the fold's ``children_added``)."""
-        return 0 if self.history is None else int(self.history.children_added)
+        return 0 if self.history is None else self.history.children_added
 
 
 @dataclass
