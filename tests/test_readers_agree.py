@@ -44,11 +44,17 @@ def invoke(*args):
 
 
 def children_done_since_replay(store, run_id):
-    """``split``'s children with a ``task_over`` after the last ``replayed`` event."""
+    """``split``'s children with a committed ``task_over`` after the last ``replayed`` event.
+
+    The child process commits a turn's events within ``commit_every``: a child may run before
+    the events of the turn that started it are on disk, so the test waits for them.
+    """
     events = store.events(run_id)
-    last = max(e.seq for e in events if e.kind == "replayed")
+    replays = [e.seq for e in events if e.kind == "replayed"]
     return {
-        e.child_id for e in events if e.seq > last and e.kind == "task_over" and e.task == "split"
+        e.child_id
+        for e in events
+        if replays and e.seq > replays[-1] and e.kind == "task_over" and e.task == "split"
     }
 
 
