@@ -111,11 +111,6 @@ class Timeline:
     max_rows: int
     failure_traceback: str = ""
 
-    def seconds(self, ts: str | None) -> float | None:
-        """A time of the log as seconds since the run began."""
-        t, t0 = ts_seconds(ts), ts_seconds(self.begin)
-        return None if t is None or t0 is None else t - t0
-
 
 # -- building ----------------------------------------------------------------------------------
 
