@@ -5,6 +5,9 @@ Run as a script, it is the other process::
     python crash_child.py crash STORE PHASE CHILDREN JOURNAL
         Start a run of ``replay_flows.CrashFlow``; at PHASE (``parent``, ``children``,
         ``stage_callback``, ``stage_parent``) print ``marker`` and block until killed.
+    python crash_child.py agree STORE RUN_ID
+        Replay run RUN_ID of ``readers_flows.Agree``, committing every turn; when its child 4
+        starts, print ``marker`` and block until killed.
     python crash_child.py own STORE FLOW [KEY=VALUE ...]
         Own the global server of ``replay_flows.FLOW`` (extra state entries as given), print
         ``ready``, then read stdin: ``release`` opens the flow's gate; end of input stops it.
@@ -116,6 +119,16 @@ def _crash(store: str, phase: str, children: str, journal: str, commit_every: st
     server.stop()
 
 
+def _agree(store: str, run_id: str) -> None:
+    from readers_flows import Agree
+
+    Agree.commit_every = 0.0  # this process only
+    crash = {"at": 4, "notify": lambda: _print("marker")}
+    with Agree.start_link(store=store, crash=crash) as server:
+        result = server.replay(run_id).result()
+    _print(f"ended {result.outcome}")  # the test kills this process before
+
+
 def _own(store: str, flow: str, *entries: str) -> None:
     import replay_flows
 
@@ -131,4 +144,4 @@ def _own(store: str, flow: str, *entries: str) -> None:
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"crash": _crash, "own": _own}[command](*arguments)
+    {"crash": _crash, "own": _own, "agree": _agree}[command](*arguments)

@@ -113,7 +113,7 @@ def test_runs_lists_every_run_oldest_first_with_status_and_children(db):
     ]
     for row in rows:
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[3])
-        assert re.fullmatch(r"[\d.]+s|\d+m\d\ds|\d+h\d\dm", row[4])
+        assert re.fullmatch(r"[\d.]+ s|\d+m\d\ds|\d+h\d\dm", row[4])
 
 
 def test_runs_json_gives_every_field_for_scripts(db):
@@ -133,8 +133,14 @@ def test_runs_json_gives_every_field_for_scripts(db):
         "started",
         "ended",
         "duration",
+        "active",
+        "wall",
+        "segments",
+        "children_added",
         "children_done",
         "children_failed",
+        "children_tolerated",
+        "children_recovered",
     }
     assert fatal["flow"] == "Fatal"
     assert fatal["status"] == fatal["outcome"] == "failed_over"
@@ -240,7 +246,7 @@ def test_show_prints_every_event_in_order_with_a_data_digest(db):
     assert by_kind["child_added"][1][3:] == ["split", "2", "1", 'payload={"n":2}']
     assert ["split", "1", "1", "result=2"] in [r[3:] for r in by_kind["task_over"]]
     assert by_kind["exit"][0][3:] == ["split", "2", "1", f"ValueError: {BROKEN}"]
-    assert by_kind["retry"][0][3:] == ["split", "2", "1", "next attempt 2 in 0s"]
+    assert by_kind["retry"][0][3:] == ["split", "2", "1", "next attempt 2 in 0 s"]
     assert by_kind["task_failed"][0][3:] == ["split", "2", "2", f"ValueError: {BROKEN}"]
     assert by_kind["failed_over"][0][3:] == ["-", "-", "-", f"split[2]: ValueError: {BROKEN}"]
 

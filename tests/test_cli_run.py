@@ -22,7 +22,9 @@ from click.testing import CliRunner
 
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, add_children_tasks, task
-from threadflow.cli import _progress_line, _ProgressView, _StageCount, cli
+from threadflow.cli import cli
+from threadflow.events import TaskHistory
+from threadflow.progress import ProgressView, stage_line
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = "tests.cli_flows"
@@ -194,15 +196,15 @@ def test_run_bad_flow_is_a_usage_error(flows):
 
 
 def test_live_progress_is_redrawn_in_place(tmp_path, monkeypatch):
-    draw = _ProgressView.draw
+    draw = ProgressView.draw
 
     def draw_and_tell(self, final=False):
         draw(self, final)
-        split = self.progress.stages.get("split")
-        if not final and self._drawn and split is not None and split.total == 2:
+        split = self.progress.history.tasks.get("split")
+        if not final and self._drawn and split is not None and split.children_added == 2:
             DRAWN.set()  # a live line with both children is on the screen
 
-    monkeypatch.setattr(_ProgressView, "draw", draw_and_tell)
+    monkeypatch.setattr(ProgressView, "draw", draw_and_tell)
     result = invoke("run", f"{HERE}:Watched", "--db", tmp_path / "runs.db", "--progress")
     assert result.exit_code == 0, result.stderr
     err = result.stderr
@@ -213,29 +215,25 @@ def test_live_progress_is_redrawn_in_place(tmp_path, monkeypatch):
 
 
 def test_progress_line_shows_children_rate_time_and_troubles():
-    stage = _StageCount("parse", now=100.0)
-    stage.total, stage.done, stage.failed = 40, 9, 1
+    stage = TaskHistory("parse", children_added=40, children_done=9, children_failed=1)
     stage.exits, stage.timeouts, stage.retries = 3, 1, 3
-    stage.first_child = 100.0
-    line = _progress_line(stage, now=102.0)
+    line = stage_line(stage, took=2.0)
     assert line == (
-        "parse        [#####---------------] 10/40 children  5.0/s  2.000s  "
+        "parse        [#####---------------] 10/40 children  5.0/s  2.000 s  "
         "1 failed, 3 exits, 1 timeout, 3 retries"
     )
 
 
 def test_progress_line_of_a_stage_without_children():
-    stage = _StageCount("store", now=0.0)
-    stage.attempts = 2
+    stage = TaskHistory("store", attempts=2, parent="running")
     stage.exits = stage.retries = 1
     assert (
-        _progress_line(stage, now=0.5)
-        == "store        running (attempt 2)  0.500s  1 exit, 1 retry"
+        stage_line(stage, took=0.5) == "store        running (attempt 2)  0.500 s  1 exit, 1 retry"
     )
-    stage.parent, stage.ended = "over", 0.75
-    assert _progress_line(stage, now=9.0) == "store        over  0.750s  1 exit, 1 retry"
+    stage.parent = "over"
+    assert stage_line(stage, took=0.75) == "store        over  0.750 s  1 exit, 1 retry"
     stage.parent = "failed"
-    assert _progress_line(stage, now=9.0).startswith("store        failed after 2 attempts")
+    assert stage_line(stage, took=0.75).startswith("store        failed after 2 attempts")
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------

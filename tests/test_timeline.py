@@ -344,6 +344,17 @@ def test_the_page_is_self_contained_and_every_bar_has_hover_text(mixed):
     assert any(t.startswith("split[2] attempt 1: timeout") for t in parsed.bar_titles)
 
 
+def test_timeline_draws_at_most_max_rows_children_one_by_one(mixed):
+    path, run_id = mixed
+    page = timeline(EventStore(path), run_id, max_rows=3)
+    # three rows at most, all taken by split's retried children
+    assert "+1 more child<" in page  # split[4]
+    assert "+2 more children<" in page  # load[1] and load[2]
+    assert page == render(
+        build(EventStore(path).iter_events(run_id), run_id, status="failed_over", max_rows=3)
+    )
+
+
 def test_the_page_escapes_what_came_from_the_log(mixed):
     path, run_id = mixed
     page = timeline(EventStore(path), run_id)

@@ -1,42 +1,53 @@
 """The ``threadflow`` command: list runs, show a run's events, replay a run, draw a flow.
 
-Every command reads the store with :class:`~threadflow.EventStore` (``--db``, default
-``$THREADFLOW_DB`` or ``threadflow.db``) and never writes to it, except ``replay``, which runs
-the flow. Library errors become one line on stderr with a hint, and an exit code per kind of
-failure (see :data:`EXIT_CODES`).
+Commands only: every number they print is the fold's (``threadflow.events``, read with
+``EventStore``), every spelling ``threadflow._format``'s, the live progress is
+``threadflow.progress``, the timeline ``threadflow.timeline``. Every command reads the store
+(``--db``, default ``$THREADFLOW_DB`` or ``threadflow.db``) and never writes to it, except
+``run`` and ``replay``, which run the flow. Library errors become one line on stderr with a
+hint, and an exit code per kind of failure (see :data:`EXIT_CODES`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import difflib
 import heapq
 import importlib
-import json
 import logging
 import os
-import re
 import shlex
-import shutil
 import sqlite3
 import sys
-import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from . import timeline as _timeline
-from ._text import file_stem, json_text, printable
-from .definition import ALL_OVER, FlowDefinition
+from ._format import (
+    compact,
+    duration,
+    error_text,
+    event_summary,
+    file_stem,
+    json_text,
+    line,
+    plain,
+    printable,
+    table,
+    task_text,
+    timestamp,
+)
+from ._graph import dot, mermaid
+from .definition import FlowDefinition
 from .errors import StoreError, ThreadflowError
-from .events import KINDS, Event
+from .events import KINDS, Event, RunHistory
 from .flow import Flow
-from .store import FILE_MODE, SCHEMA_VERSION, EventStore, RunInfo, default_path
+from .progress import EVERY, Progress, ProgressView
+from .result import RunHandle, RunResult
+from .store import FILE_MODE, EventStore, RunInfo, default_path
 
 #: Exit codes of every command.
 EXIT_FAILED = 1
@@ -82,36 +93,6 @@ _DB_HINT = "pass --db with the path of a threadflow store, or set $THREADFLOW_DB
 # -- opening the store -------------------------------------------------------------------
 
 
-def _check_store(path: str) -> None:
-    """Refuse a file that is not a threadflow store without changing a byte of it.
-
-    The store's own readers open in WAL mode, which would rewrite the header of a foreign
-    SQLite file; a read-only probe first keeps other databases untouched.
-    """
-    if not os.path.exists(path):
-        raise CLIError(f"no store at {path!r}", _DB_HINT)
-    if os.path.isdir(path):
-        raise CLIError(f"{path!r} is a directory, not a store file", _DB_HINT)
-    uri = Path(path).absolute().as_uri() + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True)
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise CLIError(f"{path!r} is not a readable SQLite database ({exc})", _DB_HINT) from None
-    if version > SCHEMA_VERSION:
-        raise CLIError(
-            f"the store {path!r} has schema version {version}, written by a newer threadflow "
-            f"(this one reads up to {SCHEMA_VERSION})",
-            "upgrade threadflow",
-        )
-    if version == 0 or not {"events", "runs"} <= tables:
-        raise CLIError(f"{path!r} is not a threadflow store (no threadflow tables)", _DB_HINT)
-
-
 def _store_error(exc: StoreError) -> CLIError:
     # The library's default advice names the Python argument; the CLI's names the option.
     hint = exc.hint if exc.hint == "upgrade threadflow" else _DB_HINT
@@ -119,12 +100,18 @@ def _store_error(exc: StoreError) -> CLIError:
 
 
 def _open(path: str) -> EventStore:
-    _check_store(path)
-    return EventStore(path)
+    """The store at ``path``, once checked (without changing a byte of it) to be one."""
+    store = EventStore(path)
+    try:
+        store.check()
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    return store
 
 
 def _resolve(store: EventStore, prefix: str) -> RunInfo:
-    """The run named by ``prefix``; unknown and ambiguous prefixes become a :class:`CLIError`."""
+    """The run named by ``prefix``, folded; unknown and ambiguous prefixes become a
+    :class:`CLIError`."""
     try:
         return store.run(prefix)
     except KeyError:
@@ -137,7 +124,7 @@ def _resolve(store: EventStore, prefix: str) -> RunInfo:
             f"no run in {store.path!r} matches {prefix!r}",
             f"list the runs with: threadflow runs --db {_quote(store.path)}",
         )
-    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+    shown = ", ".join(matches[:5]) + (", …" if len(matches) > 5 else "")
     raise CLIError(
         f"{len(matches)} runs in {store.path!r} match {prefix!r} ({shown})",
         "give more characters of the run id",
@@ -148,137 +135,12 @@ def _quote(path: str) -> str:
     return shlex.quote(path)
 
 
-# -- formatting ----------------------------------------------------------------------------
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: str = "") -> list[str]:
-    """Plain aligned columns; columns whose index is in ``right`` are right-aligned.
-
-    Cells are made printable before they are measured, so the columns line up as shown.
-    """
-    rows = [[printable(cell) for cell in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    return [_line(headers, widths, right)] + [_line(row, widths, right) for row in rows]
-
-
-def _line(cells: Sequence[str], widths: Sequence[int], right: str) -> str:
-    parts = [
-        cell.rjust(w) if str(i) in right else cell.ljust(w)
-        for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-    ]
-    return "  ".join(parts).rstrip()
-
-
-def _parse_ts(ts: str | None) -> datetime.datetime | None:
-    if not ts:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-
-
-def _short_ts(ts: str | None, millis: bool = False) -> str:
-    """``2024-05-01 12:00:00`` (UTC as stored), or with milliseconds; ``-`` for none."""
-    parsed = _parse_ts(ts)
-    if parsed is None:
-        return ts or "-"
-    text = parsed.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{parsed.microsecond // 1000:03d}" if millis else text
-
-
-def _duration(started: str | None, ended: str | None) -> float | None:
-    start, end = _parse_ts(started), _parse_ts(ended)
-    if start is None or end is None:
-        return None
-    return (end - start).total_seconds()
-
-
-def _human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _shorten(text: str, width: int = SUMMARY_WIDTH) -> str:
-    """One printable line of at most ``width`` characters (runs of white space become one)."""
-    text = printable(" ".join(text.split()))
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        kind, message = error.get("type"), error.get("message")
-        return f"{kind}: {message}" if kind else str(message)
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return "" if error is None else str(error)
-
-
-def _task_text(task: Any) -> str:
-    """``split`` or ``split[2]`` for a task tuple or list (from a result or the log)."""
-    if not task:
-        return "-"
-    name, *child = task
-    return f"{name}[{_compact(_plain(child[0]))}]" if child else str(name)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples (child ids) as JSON lists."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _summarize(ev: Event) -> str:
-    """A one-line digest of an event's data: the error, the result, the counts."""
-    data = ev.data or {}
-    kind = ev.kind
-    if kind == "flow_started":
-        text = f"flow={data.get('flow')} entrance={data.get('entrance')}"
-    elif kind == "child_added":
-        text = f"payload={_compact(data.get('payload'))}"
-    elif kind == "task_over":
-        text = f"result={_compact(data['result'])}" if "result" in data else ""
-    elif kind in ("exit", "timeout", "task_failed"):
-        text = _error_text(data.get("error"))
-        if data.get("tolerated"):
-            text += " (tolerated)"
-    elif kind == "failed_over":
-        text = f"{_task_text(data.get('task'))}: {_error_text(data.get('error'))}"
-    elif kind == "all_over":
-        failed = data.get("failed") or []
-        text = f"tolerated failures: {len(failed)}" if failed else ""
-    elif kind == "retry":
-        text = f"next attempt {data.get('next_attempt')} in {data.get('delay', 0):g}s"
-    elif kind == "task_all_over":
-        text = f"done={data.get('done')} failed={data.get('failed')}"
-    elif kind == "replayed":
-        text = f"segment {data.get('segment')} (after {data.get('previous_outcome')})"
-    elif kind == "callback_error":
-        text = f"{data.get('signal')} {data.get('receiver')}: {_error_text(data.get('error'))}"
-    elif data:
-        text = " ".join(f"{k}={_compact(v)}" for k, v in data.items())
-    else:
-        text = ""
-    return _shorten(text)
+# -- output ------------------------------------------------------------------------------------
 
 
 def _event_json(ev: Event) -> dict[str, Any]:
     record = asdict(ev)
-    record["child_id"] = _plain(ev.child_id)
+    record["child_id"] = plain(ev.child_id)
     return record
 
 
@@ -423,9 +285,15 @@ def _run_record(info: RunInfo) -> dict[str, Any]:
         "outcome": info.outcome,
         "started": info.started,
         "ended": info.ended,
-        "duration": _duration(info.started, info.ended),
+        "duration": info.duration,
+        "active": info.active,
+        "wall": info.wall,
+        "segments": info.segments,
+        "children_added": info.children_added,
         "children_done": info.children_done,
         "children_failed": info.children_failed,
+        "children_tolerated": info.children_tolerated,
+        "children_recovered": info.children_recovered,
     }
 
 
@@ -438,7 +306,8 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
     """List the runs in the store, oldest first.
 
     STATUS is the run's outcome (all_over, failed_over, interrupted), or running / interrupted
-    for a run that has not ended (interrupted: its process is gone).
+    for a run that has not ended (interrupted: its process is gone). DURATION is the time the
+    run was running, in all its segments (the pause before a replay does not count).
 
     \b
     Example:
@@ -447,13 +316,9 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
     path = _db_path(db)
     store = _open(path)
     try:
-        infos = store.runs()
+        infos = store.runs(flow=flow, limit=limit)
     except StoreError as exc:
         raise _store_error(exc) from None
-    if flow is not None:
-        infos = [r for r in infos if r.flow == flow]
-    if limit is not None:
-        infos = infos[-limit:]
     records = [_run_record(r) for r in infos]
     if as_json:
         _echo_json(records)
@@ -467,16 +332,16 @@ def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> 
             r["run_id"],
             r["flow"],
             r["status"],
-            _short_ts(r["started"]),
-            _human_duration(r["duration"]),
+            timestamp(r["started"]),
+            duration(r["duration"]),
             str(r["children_done"]),
             str(r["children_failed"]),
         )
         for r in records
     ]
     headers = ("RUN", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "DONE", "FAILED")
-    for line in _table(headers, rows, right="456"):
-        _say(line)
+    for text in table(headers, rows, right="456"):
+        _say(text)
 
 
 # -- show ------------------------------------------------------------------------------------
@@ -494,12 +359,12 @@ def _event_row(ev: Event) -> tuple[str, ...]:
     """The cells of one event, printable (measured and printed as they are)."""
     return (
         str(ev.seq),
-        printable(_short_ts(ev.ts, millis=True)),
+        printable(timestamp(ev.ts, millis=True)),
         printable(ev.kind),
         printable(ev.task or "-"),
-        "-" if ev.child_id is None else printable(_compact(_plain(ev.child_id))),
+        "-" if ev.child_id is None else printable(compact(ev.child_id)),
         "-" if ev.attempt is None else str(ev.attempt),
-        _summarize(ev),  # printable already: _shorten
+        event_summary(ev.kind, ev.data, SUMMARY_WIDTH),  # printable already
     )
 
 
@@ -519,56 +384,60 @@ def _print_events(store: EventStore, run_id: str, kinds: Sequence[str]) -> int:
         last = ev.seq
     if not last:
         return 0
-    _say(_line(EVENT_HEADERS, widths, "05"))
+    _say(line(EVENT_HEADERS, widths, "05"))
     count = 0
     for ev in _events(store, run_id, kinds):
         if ev.seq > last:
             break
-        _say(_line(_event_row(ev), widths, "05"))
+        _say(line(_event_row(ev), widths, "05"))
         count += 1
     return count
 
 
-def _summary_record(info: RunInfo, store: EventStore) -> dict[str, Any]:
-    history = store.history(info.run_id)
-    tasks = []
-    for t in history.tasks.values():
-        tasks.append(
-            {
-                "task": t.name,
-                "attempts": t.attempts,
-                "parent_over": t.parent_over,
-                "children_added": t.children_added,
-                "children_done": t.children_done,
-                "children_failed": t.children_failed,
-                "exits": t.exits,
-                "timeouts": t.timeouts,
-                "retries": t.retries,
-                "abandoned": t.abandoned,
-                "all_over": t.all_over,
-                "first_ts": t.first_ts,
-                "last_ts": t.last_ts,
-            }
-        )
+def _summary_record(info: RunInfo) -> dict[str, Any]:
+    history = info.history if info.history is not None else RunHistory(info.run_id)
+    tasks = [
+        {
+            "task": t.name,
+            "attempts": t.attempts,
+            "parent_over": t.parent_over,
+            "children_added": t.children_added,
+            "children_done": t.children_done,
+            "children_failed": t.children_failed,
+            "children_tolerated": t.children_tolerated,
+            "children_recovered": t.children_recovered,
+            "children_running": t.children_running,
+            "exits": t.exits,
+            "timeouts": t.timeouts,
+            "retries": t.retries,
+            "abandoned": t.abandoned,
+            "all_over": t.all_over,
+            "first_ts": t.first_ts,
+            "last_ts": t.last_ts,
+        }
+        for t in history.tasks.values()
+    ]
     error = history.error
     return {
         "run_id": info.run_id,
         "flow": history.flow or info.flow,
         "server": history.server or info.server,
         "entrance": history.entrance or info.entrance,
-        "status": history.outcome or info.status,
+        "status": info.status,
         "outcome": history.outcome,
         "segments": history.segments,
         "started": history.started or info.started,
         "ended": history.ended,
-        "duration": _duration(history.started, history.ended),
-        "task": _plain(history.task),
+        "duration": info.duration,
+        "active": history.active,
+        "wall": history.wall,
+        "task": plain(history.task),
         "error": (
             {"type": error.get("type"), "message": error.get("message")}
             if isinstance(error, dict)
             else error
         ),
-        "failed": [_plain(f) for f in history.failed],
+        "failed": [plain(f) for f in history.failed],
         "callback_errors": history.callback_errors,
         "events": history.events,
         "tasks": tasks,
@@ -582,17 +451,22 @@ def _print_summary(record: dict[str, Any]) -> None:
         ("status", record["status"]),
         ("entrance", record["entrance"]),
         ("segments", str(record["segments"])),
-        ("started", _short_ts(record["started"], millis=True)),
-        ("ended", _short_ts(record["ended"], millis=True)),
-        ("duration", _human_duration(record["duration"])),
+        ("started", timestamp(record["started"], millis=True)),
+        ("ended", timestamp(record["ended"], millis=True)),
+        ("duration", duration(record["duration"])),
     ]
+    if record["segments"] > 1:
+        fields.append(("first start to last event", duration(record["wall"])))
     if record["task"]:
-        fields.append(("failed task", _task_text(record["task"])))
-        fields.append(("error", _error_text(record["error"])))
+        fields.append(("failed task", task_text(record["task"])))
+        fields.append(("error", error_text(record["error"])))
     if record["failed"]:
-        tolerated = ", ".join(_task_text(f) for f in record["failed"][:5])
+        tolerated = ", ".join(task_text(f) for f in record["failed"][:5])
         more = f" (+{len(record['failed']) - 5} more)" if len(record["failed"]) > 5 else ""
         fields.append(("tolerated", f"{len(record['failed'])}: {tolerated}{more}"))
+    recovered = sum(t["children_recovered"] for t in record["tasks"])
+    if recovered:
+        fields.append(("recovered", f"{recovered} (failed, then done in a later segment)"))
     if record["callback_errors"]:
         fields.append(("callback errors", str(record["callback_errors"])))
     width = max(len(name) for name, _ in fields)
@@ -624,8 +498,8 @@ def _print_summary(record: dict[str, Any]) -> None:
         )
         for t in record["tasks"]
     ]
-    for line in _table(headers, rows, right="1234567"):
-        _say(line)
+    for text in table(headers, rows, right="1234567"):
+        _say(text)
 
 
 @cli.command()
@@ -664,7 +538,7 @@ def show(run: str, kinds: tuple[str, ...], summary: bool, db: str | None, as_jso
         )
     try:
         if summary:
-            record = _summary_record(info, store)
+            record = _summary_record(info)
             if as_json:
                 _echo_json(record)
             else:
@@ -750,22 +624,58 @@ class FlowClass(click.ParamType):  # type: ignore[type-arg]  # generic in click 
 FLOW_CLASS = FlowClass()
 
 
-# -- replay ------------------------------------------------------------------------------------
+# -- run and replay ----------------------------------------------------------------------------
 
 
-def _result_record(result: Any) -> dict[str, Any]:
+def _result_record(result: RunResult) -> dict[str, Any]:
     error = result.error
     return {
         "run_id": result.run_id,
         "outcome": result.outcome,
-        "task": _plain(result.task),
+        "task": plain(result.task),
         "error": None if error is None else {"type": type(error).__name__, "message": str(error)},
-        "failed": [_plain(f) for f in result.failed],
+        "failed": [plain(f) for f in result.failed],
     }
 
 
 def _refused(message: str, hint: str | None = None) -> NoReturn:
     raise CLIError(f"replay refused: {message}", hint)
+
+
+def _wait(handle: RunHandle, view: ProgressView) -> RunResult:
+    """The run's result, redrawing the progress every :data:`threadflow.progress.EVERY` s."""
+    while True:
+        try:
+            return handle.result(timeout=EVERY)
+        except TimeoutError:
+            view.draw()
+
+
+def _check_run_store(path: str) -> None:
+    """``run`` creates a missing store, but never adopts a file that is not one."""
+    if os.path.exists(path) and not (os.path.isfile(path) and os.path.getsize(path) == 0):
+        _open(path)
+
+
+def _stop(server: Flow) -> None:
+    """Stop the server; a second Ctrl-C does not cut the stop short (it records the run)."""
+    while True:
+        try:
+            server.stop()
+            return
+        except KeyboardInterrupt:
+            _say("still stopping: waiting for running attempts to end", err=True)
+
+
+def _start_server(flow_cls: type[Flow], path: str, replaying: bool = False) -> Flow:
+    try:
+        return flow_cls.start_link(store=path)
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    except ThreadflowError as exc:  # AlreadyStarted: the server name is taken
+        if replaying:
+            _refused(str(exc))
+        raise CLIError(str(exc)) from None
 
 
 @cli.command()
@@ -777,10 +687,18 @@ def _refused(message: str, hint: str | None = None) -> NoReturn:
     required=True,
     help="The flow that made the run, as module:Class (importable from here).",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress lines per stage on stderr, counting the work of every segment (default: "
+    "live lines when stderr is a terminal, else none).",
+)
 @db_option
 @json_option
 @_printable_logs()
-def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> None:
+def replay(
+    run: str, flow_cls: type[Flow], progress: bool | None, db: str | None, as_json: bool
+) -> None:
     """Continue RUN (an id or unique prefix) from its log, with the flow --flow names.
 
     Finished stages, parents and children are not run again; the rest runs with fresh
@@ -800,429 +718,35 @@ def replay(run: str, flow_cls: type[Flow], db: str | None, as_json: bool) -> Non
             f"run {info.run_id} is a run of flow {info.flow!r}, not {definition.name!r}",
             f"pass --flow with the module:Class of {info.flow!r}",
         )
+    live = sys.stderr.isatty() if progress is None else progress
+    counts = Progress(store, info.run_id, after=info.segments)
+    view = ProgressView(counts, live=live, enabled=progress is True or (progress is None and live))
+    server = _start_server(flow_cls, path, replaying=True)
     try:
-        result = flow_cls.replay(info.run_id, store=path)
-    except ValueError as exc:
-        _refused(str(exc), "start a new run to do the work again")
-    except StoreError as exc:
-        raise _store_error(exc) from None
-    except ThreadflowError as exc:
-        _refused(str(exc))  # ReplayError messages say what to do
+        try:
+            handle = server.replay(info.run_id)
+        except ValueError as exc:
+            _refused(str(exc), "start a new run to do the work again")
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        except ThreadflowError as exc:
+            _refused(str(exc))  # ReplayError messages say what to do
+        result = _wait(handle, view)
+        view.draw(final=True)
     except KeyboardInterrupt:
-        # Flow.replay stops its server on the way out, which records the run interrupted.
+        view.clear()
+        # Stopping the server (below) records the run interrupted.
         _say(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    # No duration: a replayed run keeps its first start time.
+    finally:
+        counts.close()
+        _stop(server)
+    # No duration: a replay's line says how it ended; `threadflow runs` says how long the run ran.
     _report_result(result, path, as_json, flow_cls, took=None)
 
 
 def _flow_arg(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-# -- graph -------------------------------------------------------------------------------------
-
-#: Words Mermaid reads as syntax when used as a node id.
-_MERMAID_WORDS = frozenset(
-    "end graph flowchart subgraph direction class classdef click style linkstyle call "
-    "default".split()
-)
-
-
-def _node_ids(definition: FlowDefinition, mermaid: bool) -> tuple[dict[str, str], str, str]:
-    """Node ids of the tasks, the entrance marker and the end node, all distinct.
-
-    DOT quotes its ids, so a task's id is its name. Mermaid's ids are bare words: a name that
-    is not one becomes letters, digits and ``_`` (its label keeps the name), and a name Mermaid
-    reads as a keyword gets a trailing ``_``.
-    """
-    taken: set[str] = set()
-
-    def unique(name: str) -> str:
-        candidate = (_MERMAID_ID_UNSAFE.sub("_", name) or "task") if mermaid else name
-        while candidate in taken or (mermaid and candidate.lower() in _MERMAID_WORDS):
-            candidate += "_"
-        taken.add(candidate)
-        return candidate
-
-    ids = {name: unique(name) for name in definition.tasks}
-    return ids, unique("entrance"), unique(ALL_OVER)
-
-
-_MERMAID_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
-#: Characters a Mermaid label shows as they are; every other one is written as an entity code.
-_MERMAID_LABEL_SAFE = frozenset(" _-.,:/+=@!?'()")
-
-
-def _mermaid_label(text: str) -> str:
-    """``text`` as a quoted Mermaid label: quotes, brackets, ``#``, ``<``, line breaks and
-    control characters become entity codes (``#34;``), which Mermaid draws as the character,
-    so no task name can end the label or the statement."""
-    body = "".join(
-        c if (c.isalnum() and c.isprintable()) or c in _MERMAID_LABEL_SAFE else f"#{ord(c)};"
-        for c in text
-    )
-    return f'"{body}"'
-
-
-def _mermaid(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition, mermaid=True)
-    lines = ["flowchart TD", f"    {entrance}((entrance))"]
-    for name, spec in definition.tasks.items():
-        if spec.child_task_func is not None:
-            lines.append(f"    {ids[name]}[[{_mermaid_label(f'{name} (children)')}]]")
-        else:
-            lines.append(f"    {ids[name]}[{_mermaid_label(name)}]")
-    lines.append(f"    {end}([{ALL_OVER}])")
-    lines.append(f"    {entrance} --> {ids[definition.default_entrance]}")
-    for name, spec in definition.tasks.items():
-        for target in spec.successors or (ALL_OVER,):
-            lines.append(f"    {ids[name]} --> {end if target == ALL_OVER else ids[target]}")
-    return lines
-
-
-def _dot_id(name: str) -> str:
-    return json.dumps(name)
-
-
-def _dot(definition: FlowDefinition) -> list[str]:
-    ids, entrance, end = _node_ids(definition, mermaid=False)
-    lines = [
-        f"digraph {_dot_id(definition.name)} {{",
-        "    rankdir=TB;",
-        "    node [shape=box];",
-        f'    {_dot_id(entrance)} [shape=circle, label="entrance"];',
-    ]
-    for name, spec in definition.tasks.items():
-        if spec.child_task_func is not None:
-            label = _dot_id(f"{name} (children)")
-            lines.append(f"    {_dot_id(ids[name])} [peripheries=2, label={label}];")
-        else:
-            lines.append(f"    {_dot_id(ids[name])};")
-    lines.append(f'    {_dot_id(end)} [shape=doublecircle, label="{ALL_OVER}"];')
-    lines.append(f"    {_dot_id(entrance)} -> {_dot_id(ids[definition.default_entrance])};")
-    for name, spec in definition.tasks.items():
-        for target in spec.successors or (ALL_OVER,):
-            dest = end if target == ALL_OVER else ids[target]
-            lines.append(f"    {_dot_id(ids[name])} -> {_dot_id(dest)};")
-    lines.append("}")
-    return lines
-
-
-@cli.command()
-@click.argument("flow_cls", metavar="MODULE:CLASS", type=FLOW_CLASS)
-@click.option("--dot", is_flag=True, help="Graphviz DOT instead of Mermaid.")
-@click.option(
-    "--db", "db", metavar="PATH", hidden=True, help="Accepted, unused: graph reads no store."
-)
-def graph(flow_cls: type[Flow], dot: bool, db: str | None) -> None:
-    """Draw the tasks of a flow and their next= edges, as Mermaid (default) or Graphviz DOT.
-
-    The default entrance is pointed at by an "entrance" node, every branch ends in an all_over
-    node, and a task with children is drawn as a double box labelled "(children)".
-
-    \b
-    Examples:
-      threadflow graph myjobs:Nightly > nightly.mmd
-      threadflow graph myjobs:Nightly --dot | dot -Tsvg > nightly.svg
-    """
-    definition = flow_cls.definition
-    assert definition is not None  # FlowClass refuses flows without tasks
-    for line in _dot(definition) if dot else _mermaid(definition):
-        _say(line)
-
-
-# -- run ---------------------------------------------------------------------------------------
-
-#: Seconds between two redraws of the progress lines.
-PROGRESS_EVERY = 0.2
-
-_PROGRESS_SIGNALS = (
-    "task_start",
-    "task_over",
-    "task_exit",
-    "task_timeout",
-    "task_retry",
-    "task_failed",
-    "task_all_over",
-)
-
-
-class _StageCount:
-    """What the progress line of one stage shows."""
-
-    __slots__ = (
-        "name",
-        "started",
-        "ended",
-        "parent",
-        "attempts",
-        "total",
-        "running",
-        "done",
-        "failed",
-        "exits",
-        "timeouts",
-        "retries",
-        "first_child",
-        "shown",
-    )
-
-    def __init__(self, name: str, now: float) -> None:
-        self.name = name
-        self.started = now
-        self.ended: float | None = None
-        self.parent = "running"  # running, over, failed
-        self.attempts = 0
-        self.total = 0  # children added (and not discarded), read from the store
-        self.running = 0
-        self.done = 0
-        self.failed = 0
-        self.exits = 0
-        self.timeouts = 0
-        self.retries = 0
-        self.first_child: float | None = None
-        self.shown = False  # its final line has been printed
-
-
-class _Progress:
-    """Counts per stage, kept by signal receivers connected with ``sender=server``.
-
-    Receivers run on the coordinator thread and only add to counters under a lock (they must
-    not block); the main thread reads a copy to draw. The number of children added is not a
-    signal: the main thread counts ``child_added`` rows in the store, from the last seq it saw.
-    """
-
-    def __init__(self, server: Flow, path: str) -> None:
-        from . import signals
-
-        self._server = server
-        self._path = path
-        self._lock = threading.Lock()
-        self.stages: dict[str, _StageCount] = {}
-        self._seq = 0
-        self._conn: sqlite3.Connection | None = None
-        self._receivers: list[tuple[Any, Any]] = []
-        for name in _PROGRESS_SIGNALS:
-            sig = getattr(signals, name)
-            receiver = getattr(self, f"_on_{name}")
-            sig.connect(receiver, sender=server, weak=False)
-            self._receivers.append((sig, receiver))
-
-    def close(self) -> None:
-        for sig, receiver in self._receivers:
-            sig.disconnect(receiver, sender=self._server)
-        self._receivers.clear()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _stage(self, task: tuple[Any, ...]) -> _StageCount:
-        stage = self.stages.get(task[0])
-        if stage is None:
-            stage = self.stages[task[0]] = _StageCount(task[0], time.monotonic())
-        return stage
-
-    # Receivers: on the coordinator thread, one at a time, quick.
-
-    def _on_task_start(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            stage = self._stage(task)
-            if len(task) == 1:
-                stage.attempts += 1
-                stage.parent = "running"
-            else:
-                stage.running += 1
-                if stage.first_child is None:
-                    stage.first_child = time.monotonic()
-
-    def _ended(self, task: tuple[Any, ...]) -> _StageCount:
-        stage = self._stage(task)
-        if len(task) > 1:
-            stage.running = max(0, stage.running - 1)
-        return stage
-
-    def _on_task_over(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            stage = self._ended(task)
-            if len(task) == 1:
-                stage.parent = "over"
-            else:
-                stage.done += 1
-
-    def _on_task_exit(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            self._ended(task).exits += 1
-
-    def _on_task_timeout(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            self._ended(task).timeouts += 1
-
-    def _on_task_retry(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            self._stage(task).retries += 1
-
-    def _on_task_failed(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            stage = self._stage(task)
-            if len(task) == 1:
-                stage.parent = "failed"
-                stage.ended = time.monotonic()
-            else:
-                stage.failed += 1
-
-    def _on_task_all_over(self, sender: Any, task: tuple[Any, ...], **kw: Any) -> None:
-        with self._lock:
-            self._stage(task).ended = time.monotonic()
-
-    # The main thread.
-
-    def count_children(self, run_id: str) -> None:
-        """Add the children committed since the last call to each stage's total."""
-        from .store import connect
-
-        try:
-            if self._conn is None:
-                self._conn = connect(self._path, write=False)
-            conn = self._conn
-            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
-            # A rowid range: reads only the rows written since the last call.
-            rows = conn.execute(
-                "SELECT task, kind, count(*), sum(json_extract(data, '$.count')) FROM events "
-                "WHERE seq > ? AND seq <= ? AND +run_id = ? "
-                "AND +kind IN ('child_added', 'children_discarded') GROUP BY task, kind",
-                (self._seq, last, run_id),
-            ).fetchall()
-        except (sqlite3.Error, StoreError):
-            return  # progress is best effort; the run itself reports real errors
-        self._seq = last
-        with self._lock:
-            for task, kind, count, discarded in rows:
-                stage = self._stage((task,))
-                stage.total += count if kind == "child_added" else -int(discarded or 0)
-
-    def snapshot(self) -> list[_StageCount]:
-        with self._lock:
-            copies = []
-            for stage in self.stages.values():
-                copy = _StageCount(stage.name, stage.started)
-                for slot in _StageCount.__slots__:
-                    setattr(copy, slot, getattr(stage, slot))
-                copies.append(copy)
-            return copies
-
-    def mark_shown(self, name: str) -> None:
-        with self._lock:
-            self.stages[name].shown = True
-
-
-_BAR_WIDTH = 20
-
-
-def _progress_line(stage: _StageCount, now: float, name_width: int = 12) -> str:
-    """One stage's progress: a bar of children finished / added, rate, time, then troubles."""
-    end = stage.ended if stage.ended is not None else now
-    took = _human_duration(max(0.0, end - stage.started))
-    name = printable(stage.name).ljust(name_width)
-    finished = stage.done + stage.failed
-    troubles = _troubles(stage)
-    if stage.total == 0 and finished == 0:
-        if stage.parent == "failed":
-            state = f"failed after {stage.attempts} attempt{'s' if stage.attempts != 1 else ''}"
-        elif stage.ended is not None or stage.parent == "over":
-            state = "over"
-        else:
-            state = f"running (attempt {stage.attempts})"
-        return f"{name} {state}  {took}  {troubles}".rstrip()
-    total = max(stage.total, finished)
-    filled = int(_BAR_WIDTH * finished / total) if total else 0
-    bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-    width = len(str(total))
-    text = f"{name} [{bar}] {finished:>{width}}/{total} children"
-    started = stage.first_child
-    if started is not None and finished:
-        text += f"  {finished / max(end - started, 1e-6):,.1f}/s"
-    return f"{text}  {took}  {troubles}".rstrip()
-
-
-def _troubles(stage: _StageCount) -> str:
-    """``1 failed, 4 exits, 2 timeouts, 5 retries``: only the counts that are not zero."""
-    parts = []
-    for count, one, many in (
-        (stage.failed, "failed", "failed"),
-        (stage.exits, "exit", "exits"),
-        (stage.timeouts, "timeout", "timeouts"),
-        (stage.retries, "retry", "retries"),
-    ):
-        if count:
-            parts.append(f"{count} {one if count == 1 else many}")
-    return ", ".join(parts)
-
-
-class _ProgressView:
-    """Draws the stages on stderr: on a terminal, one live line per running stage, redrawn in
-    place; a stage that ends leaves one final line. Elsewhere (a log, a pipe) only the final
-    lines are written."""
-
-    def __init__(self, progress: _Progress, live: bool, enabled: bool = True) -> None:
-        self.progress = progress
-        self.live = live
-        self.enabled = enabled
-        self._drawn = 0  # live lines on screen
-
-    def _width(self) -> int:
-        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
-
-    def draw(self, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        stages = self.progress.snapshot()
-        name_width = max([12, *(len(printable(s.name)) for s in stages)])
-        width = self._width()
-        out: list[str] = []
-        if self.live and self._drawn:
-            out.append(f"\x1b[{self._drawn}A\r\x1b[J")
-        live_lines = []
-        for stage in stages:
-            if stage.shown:
-                continue
-            line = _progress_line(stage, now, name_width)
-            if stage.ended is not None or final:
-                out.append(line + "\n")
-                self.progress.mark_shown(stage.name)
-            else:
-                live_lines.append(line[:width])
-        if self.live and not final:
-            out.extend(f"{line}\n" for line in live_lines)
-            self._drawn = len(live_lines)
-        else:
-            self._drawn = 0
-        if out:
-            # color=True keeps the cursor movements that click strips when it is not sure
-            # of the terminal; without live lines there are none.
-            click.echo("".join(out), nl=False, err=True, color=self.live or None)
-
-    def clear(self) -> None:
-        if self.enabled and self.live and self._drawn:
-            click.echo(f"\x1b[{self._drawn}A\r\x1b[J", nl=False, err=True, color=True)
-        self._drawn = 0
-
-
-def _check_run_store(path: str) -> None:
-    """``run`` creates a missing store, but never adopts a file that is not one."""
-    if os.path.exists(path) and not (os.path.isfile(path) and os.path.getsize(path) == 0):
-        _check_store(path)
-
-
-def _stop(server: Flow) -> None:
-    """Stop the server; a second Ctrl-C does not cut the stop short (it records the run)."""
-    while True:
-        try:
-            server.stop()
-            return
-        except KeyboardInterrupt:
-            _say("still stopping: waiting for running attempts to end", err=True)
 
 
 @cli.command(name="run")
@@ -1273,16 +797,11 @@ def run_command(
             param_hint="'--entrance'",
         )
     _check_run_store(path)
-    try:
-        server = flow_cls.start_link(store=path)
-    except StoreError as exc:
-        raise _store_error(exc) from None
-    except ThreadflowError as exc:  # AlreadyStarted: a global name another process owns
-        raise CLIError(str(exc)) from None
-    counts = _Progress(server, path)
+    server = _start_server(flow_cls, path)
     live = sys.stderr.isatty() if progress is None else progress
-    view = _ProgressView(counts, live=live, enabled=progress is not False)
-    handle: Any = None
+    counts: Progress | None = None
+    view: ProgressView | None = None
+    handle: RunHandle | None = None
     try:
         try:
             handle = server.start_flow(entrance=entrance)
@@ -1291,15 +810,12 @@ def run_command(
                 f"{entrance or definition.default_entrance} (store {path})",
                 err=True,
             )
-            while True:
-                try:
-                    result = handle.result(timeout=PROGRESS_EVERY)
-                    break
-                except TimeoutError:
-                    counts.count_children(handle.run_id)
-                    view.draw()
+            counts = Progress(EventStore(path), handle.run_id)
+            view = ProgressView(counts, live=live, enabled=progress is not False)
+            result = _wait(handle, view)
         except KeyboardInterrupt:
-            view.clear()
+            if view is not None:
+                view.clear()
             _say("interrupted: stopping the run (running attempts are cancelled)", err=True)
             _stop(server)
             if handle is None:  # Ctrl-C before the run was started: nothing to replay
@@ -1312,17 +828,19 @@ def run_command(
                     f"see its state with: threadflow show {_quote(handle.run_id)} "
                     f"--db {_quote(path)}",
                 ) from None
-        counts.count_children(result.run_id)
-        view.draw(final=True)
+        if view is not None:
+            view.draw(final=True)
     finally:
-        counts.close()
+        if counts is not None:
+            counts.close()
         _stop(server)
-    took = _duration(result.state["start_time"].isoformat(), _utcnow_iso())
+    # The fold's active time: what `threadflow runs` and the timeline say the run took.
+    took = EventStore(path).history(result.run_id).active
     _report_result(result, path, as_json, flow_cls, took)
 
 
 def _report_result(
-    result: Any, path: str, as_json: bool, flow_cls: type, took: float | None
+    result: RunResult, path: str, as_json: bool, flow_cls: type, took: float | None
 ) -> None:
     """Print the outcome of ``run`` or ``replay`` (and on stderr what to do next), then exit
     with its code."""
@@ -1331,12 +849,12 @@ def _report_result(
         _echo_json(record)
     else:
         ended = f"run {result.run_id}: {result.outcome}"
-        _say(ended if took is None else f"{ended} in {_human_duration(took)}")
+        _say(ended if took is None else f"{ended} in {duration(took)}")
         if result.task is not None:
-            _say(f"failed task: {_task_text(record['task'])}")
-            _say(f"error: {_error_text(result.error)}")
+            _say(f"failed task: {task_text(record['task'])}")
+            _say(f"error: {error_text(result.error)}")
         if result.failed:
-            _say(f"tolerated failures: {', '.join(_task_text(f) for f in record['failed'])}")
+            _say(f"tolerated failures: {', '.join(task_text(f) for f in record['failed'])}")
     replay_cmd = (
         f"threadflow replay {_quote(result.run_id)} --db {_quote(path)} "
         f"--flow {_flow_arg(flow_cls)}"
@@ -1360,8 +878,30 @@ def _timeline_file(run_id: str) -> str:
     return f"{file_stem(run_id)}.html"
 
 
-def _utcnow_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+# -- graph -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("flow_cls", metavar="MODULE:CLASS", type=FLOW_CLASS)
+@click.option("--dot", "as_dot", is_flag=True, help="Graphviz DOT instead of Mermaid.")
+@click.option(
+    "--db", "db", metavar="PATH", hidden=True, help="Accepted, unused: graph reads no store."
+)
+def graph(flow_cls: type[Flow], as_dot: bool, db: str | None) -> None:
+    """Draw the tasks of a flow and their next= edges, as Mermaid (default) or Graphviz DOT.
+
+    The default entrance is pointed at by an "entrance" node, every branch ends in an all_over
+    node, and a task with children is drawn as a double box labelled "(children)".
+
+    \b
+    Examples:
+      threadflow graph myjobs:Nightly > nightly.mmd
+      threadflow graph myjobs:Nightly --dot | dot -Tsvg > nightly.svg
+    """
+    definition = flow_cls.definition
+    assert definition is not None  # FlowClass refuses flows without tasks
+    for text in dot(definition) if as_dot else mermaid(definition):
+        _say(text)
 
 
 # -- timeline ----------------------------------------------------------------------------------

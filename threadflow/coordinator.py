@@ -39,9 +39,8 @@ from .errors import (
     TaskTimeout,
     ThreadflowError,
 )
-from .events import decode_id, describe, error_data, error_json, safe_repr
+from .events import HEARTBEAT, RunHistory, decode_id, describe, error_data, error_json, safe_repr
 from .executors import make_pools
-from .history import RunHistory
 from .isolation import ThreadPool, run_attempt
 from .messages import (
     AddChildren,
@@ -58,7 +57,7 @@ from .processes import ProcessPool
 from .remote import check_request
 from .result import RunHandle, RunResult, settle
 from .server import ServerCore, Settings, replay_refusal
-from .store import HEARTBEAT, EventStore, Writer
+from .store import EventStore, Writer
 
 log = logging.getLogger("threadflow")
 

@@ -1,9 +1,16 @@
-"""The event vocabulary: what the log records, which signal each moment fires, and how user
-data becomes the text of an event.
+"""The event vocabulary: what the log records, which signal each moment fires, how user data
+becomes the text of an event, and the one fold that reads a run back from its events.
 
 Every row of the ``events`` table has a ``kind`` from :data:`KINDS`; the constants below are the
 only spelling of them in the engine. :data:`SIGNAL_OF` says which blinker signal fires for a kind
 once it is committed.
+
+:func:`fold` (a :class:`RunHistory` fed event by event) is the only definition of what a log
+means: a run's outcome, its segments and their durations, and per task its attempts and its
+children added, done, failed, tolerated, recovered and running. Replay, the command line, the
+timeline, the live progress and remote run handles all read it; ``EventStore.history`` is the
+same function computed by SQLite (see ``tests/test_fold.py``). :func:`run_status` adds what the
+log cannot know: whether the owner of an unfinished run is still alive.
 
 Encoding: everything a user hands the engine (child ids, payloads, return values, exceptions,
 receivers) passes through here before it reaches the store, where hostile values are tamed:
@@ -18,12 +25,17 @@ receivers) passes through here before it reaches the store, where hostile values
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import re
+import socket
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
+from ._clock import wall
 from .errors import EncodeError
 
 # -- kinds -----------------------------------------------------------------------------------
@@ -237,3 +249,380 @@ def encode_result(value: Any) -> str | None:
             f"{_why(value, exc)}"
         ) from None
     return '{"result":' + _utf8(text, value) + "}"
+
+
+# -- the fold --------------------------------------------------------------------------------
+
+
+def ts_seconds(ts: str | None) -> float | None:
+    """An event's ``ts`` (ISO 8601) as seconds since the epoch; None for none or a bad one."""
+    if not ts:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(ts).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Span:
+    """One segment of a run: its first run, or a replay.
+
+    It begins at its ``flow_started`` or ``replayed`` event and ends at its final event
+    (``all_over``, ``failed_over``, ``interrupted``); a segment without one (still running, or
+    its process died) ends, so far, at its last event. Events after the final one (a late
+    outcome, a callback error) do not lengthen it.
+    """
+
+    seq: int  #: seq of its flow_started or replayed event
+    start: str  #: ts of that event
+    end: str  #: ts of its final event, else of its last event
+    outcome: str | None = None  #: its final kind; None while it has none
+
+    @property
+    def seconds(self) -> float | None:
+        start, end = ts_seconds(self.start), ts_seconds(self.end)
+        return None if start is None or end is None else max(0.0, end - start)
+
+
+@dataclass
+class TaskHistory:
+    """One task of a run: its parent attempts, its children, and what became of them.
+
+    Child counts cover every segment. A child is counted once whatever its attempts: it is
+    *done* once it has a ``task_over``; *failed* while its last outcome is a failure (it used up
+    its attempts, and has not succeeded since); *tolerated* if that failure was tolerated
+    (``exit_on_failed=False``: the child is finished and never runs again); *recovered* if it
+    failed in one segment and succeeded in a later one (it counts as done, not failed).
+    """
+
+    name: str
+    #: A parent attempt started, returned; the parent's state: None (never started),
+    #: ``"running"`` (or waiting to retry), ``"over"``, ``"failed"``.
+    started: bool = False
+    parent_over: bool = False
+    parent: str | None = None
+    #: Its ``task_all_over``: the stage and all its children are done (and when).
+    all_over: bool = False
+    ended: str | None = None
+    attempts: int = 0  #: parent attempts started
+    #: Children the task has: added by attempts that succeeded (released) or are still running;
+    #: not those of attempts that failed (discarded) or were cut off by the end of a segment.
+    children_added: int = 0
+    children_started: int = 0  #: child attempts started (a retried child counts once per attempt)
+    children_done: int = 0
+    children_failed: int = 0
+    children_tolerated: int = 0
+    children_recovered: int = 0
+    #: Child attempts started and not ended, while the last segment is open.
+    children_running: int = 0
+    exits: int = 0  #: parent and child attempts that raised
+    timeouts: int = 0
+    retries: int = 0
+    abandoned: int = 0
+    #: Seq ranges of ``child_added`` rows released by successful attempts, in release order:
+    #: the children a replay may run.
+    released: list[tuple[int, int]] = field(default_factory=list)
+    first_ts: str | None = None  #: its first event
+    last_ts: str | None = None  #: its last event
+    # What the fold keeps to count; per child only for children that failed or are running.
+    _released_rows: int = field(default=0, repr=False)
+    _seg_added: int = field(default=0, repr=False)  # child_added rows in the last segment
+    _seg_gone: int = field(default=0, repr=False)  # of those, released or discarded
+    _failed: set[int] = field(default_factory=set, repr=False)
+    _tolerated: set[int] = field(default_factory=set, repr=False)
+    _open: set[tuple[int, int | None]] = field(default_factory=set, repr=False)
+
+    def _settle(self, segment_open: bool) -> None:
+        """Derive the counts from what the fold keeps."""
+        held = self._seg_added - self._seg_gone if segment_open else 0
+        self.children_added = self._released_rows + held
+        self.children_running = len(self._open) if segment_open else 0
+        self.children_failed = len(self._failed)
+        self.children_tolerated = len(self._tolerated)
+
+
+def _task_tuple(value: Any) -> tuple[Any, ...] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    return (value[0], *(_to_tuple(v) for v in value[1:]))
+
+
+@dataclass
+class RunHistory:
+    """A run as its log tells it, fed one event at a time (:meth:`add`) in seq order.
+
+    ``outcome`` is None while the last segment has not ended. Durations have two names:
+    :attr:`active` (seconds the run was running: the sum of its segments' spans, the time
+    between a crash and its replay not counted) and :attr:`wall` (from its first event to its
+    last).
+    """
+
+    run_id: str
+    flow: str | None = None
+    server: str | None = None
+    entrance: str | None = None
+    definition: dict[str, list[str]] | None = None
+    started: str | None = None  #: ts of its flow_started
+    ended: str | None = None  #: ts of the final event of its last segment; None while open
+    outcome: str | None = None
+    segments: int = 0
+    spans: list[Span] = field(default_factory=list)
+    tasks: dict[str, TaskHistory] = field(default_factory=dict)
+    #: Children whose failure was tolerated, in the order they failed.
+    failed: list[tuple[Any, ...]] = field(default_factory=list)
+    #: The task that failed the run (``("fetch",)`` or ``("fetch", child_id)``) and its error.
+    task: tuple[Any, ...] | None = None
+    error: dict[str, Any] | None = None
+    callback_errors: int = 0
+    events: int = 0
+    first_ts: str | None = None  #: its first event
+    last_ts: str | None = None  #: its last event
+
+    def task_history(self, name: str) -> TaskHistory:
+        history = self.tasks.get(name)
+        if history is None:
+            history = self.tasks[name] = TaskHistory(name)
+        return history
+
+    @property
+    def segment_open(self) -> bool:
+        """Whether the last segment has no final event (it runs, or its process died)."""
+        return bool(self.spans) and self.spans[-1].outcome is None
+
+    def add(self, ev: Event) -> None:
+        """Fold one more event (the next in seq order)."""
+        self.events += 1
+        self.run_id = ev.run_id
+        self.first_ts = self.first_ts or ev.ts
+        self.last_ts = ev.ts
+        kind = ev.kind
+        data = ev.data if isinstance(ev.data, dict) else {}
+        if kind in (FLOW_STARTED, REPLAYED):
+            if kind == FLOW_STARTED:
+                self.flow = data.get("flow")
+                self.server = data.get("server")
+                self.entrance = data.get("entrance")
+                self.definition = data.get("definition")
+                self.started = ev.ts
+            self.outcome = self.ended = self.task = self.error = None
+            self.spans.append(Span(ev.seq, ev.ts, ev.ts))
+            self.segments = len(self.spans)
+            for t in self.tasks.values():
+                t._seg_added = t._seg_gone = 0
+                t._open.clear()
+                t._settle(True)
+            return
+        span = self.spans[-1] if self.spans else None
+        if span is not None and span.outcome is None:
+            span.end = ev.ts
+        if kind in FINAL_KINDS:
+            self.outcome = kind
+            self.ended = ev.ts
+            self.task = _task_tuple(data.get("task"))
+            self.error = data.get("error")
+            if span is not None:
+                span.outcome, span.end = kind, ev.ts
+            for t in self.tasks.values():
+                t._open.clear()
+                t._settle(False)
+            return
+        if kind == CALLBACK_ERROR:
+            self.callback_errors += 1
+        if ev.task is None:
+            return
+        t = self.task_history(ev.task)
+        t.first_ts = t.first_ts or ev.ts
+        t.last_ts = ev.ts
+        ref = ev.ref
+        if kind == TASK_STARTED:
+            if ref is not None:
+                t.children_started += 1
+                t._open.add((ref, ev.attempt))
+            else:
+                t.started = True
+                t.attempts += 1
+                t.parent = "running"
+        elif kind == CHILD_ADDED:
+            t._seg_added += 1
+        elif kind == TASK_OVER:
+            if ref is not None:
+                t.children_done += 1
+                t._open.discard((ref, ev.attempt))
+                if ref in t._failed:
+                    t._failed.discard(ref)
+                    t._tolerated.discard(ref)
+                    t.children_recovered += 1
+            else:
+                t.parent_over = True
+                t.parent = "over"
+        elif kind == CHILDREN_RELEASED:
+            ranges = [(int(lo), int(hi)) for lo, hi in data.get("ranges", ())]
+            t.released.extend(ranges)
+            rows = sum(hi - lo + 1 for lo, hi in ranges)
+            t._released_rows += rows
+            t._seg_gone += rows
+        elif kind == CHILDREN_DISCARDED:
+            t._seg_gone += int(data.get("count", 0))
+        elif kind in (EXIT, TIMEOUT, ABANDONED):
+            if kind == EXIT:
+                t.exits += 1
+            elif kind == TIMEOUT:
+                t.timeouts += 1
+            else:
+                t.abandoned += 1
+            if ref is not None:  # an attempt abandoned after its timeout has ended already
+                t._open.discard((ref, ev.attempt))
+        elif kind == RETRY:
+            t.retries += 1
+        elif kind == TASK_FAILED:
+            if ref is not None:
+                new = ref not in t._failed
+                t._failed.add(ref)
+                if data.get("tolerated"):
+                    t._tolerated.add(ref)
+                    if new:
+                        self.failed.append((ev.task, ev.child_id))
+            else:
+                t.parent = "failed"
+        elif kind == TASK_ALL_OVER:
+            t.all_over = True
+            t.ended = ev.ts
+        t._settle(self.segment_open)
+
+    # -- totals and durations
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(t, name) for t in self.tasks.values())
+
+    @property
+    def children_added(self) -> int:
+        return self._total("children_added")
+
+    @property
+    def children_done(self) -> int:
+        return self._total("children_done")
+
+    @property
+    def children_failed(self) -> int:
+        return self._total("children_failed")
+
+    @property
+    def children_tolerated(self) -> int:
+        return self._total("children_tolerated")
+
+    @property
+    def children_recovered(self) -> int:
+        return self._total("children_recovered")
+
+    @property
+    def children_running(self) -> int:
+        return self._total("children_running")
+
+    @property
+    def active(self) -> float | None:
+        """Seconds the run was running: the sum of its segments' spans (None without events)."""
+        total = 0.0
+        for span in self.spans:
+            seconds = span.seconds
+            if seconds is None:
+                return None
+            total += seconds
+        return total if self.spans else None
+
+    @property
+    def wall(self) -> float | None:
+        """Seconds from its first event to its last, pauses between segments included."""
+        first, last = ts_seconds(self.first_ts), ts_seconds(self.last_ts)
+        return None if first is None or last is None else max(0.0, last - first)
+
+    def active_between(self, start: str | None, end: str | None, live: bool = False) -> float:
+        """Seconds of the run's segments between the times ``start`` and ``end``.
+
+        :param live: the last segment is still running: it lasts until ``end``, not only
+            until its last event so far.
+        """
+        a, b = ts_seconds(start), ts_seconds(end)
+        if a is None or b is None:
+            return 0.0
+        total = 0.0
+        for i, span in enumerate(self.spans):
+            lo, hi = ts_seconds(span.start), ts_seconds(span.end)
+            if lo is None or hi is None:
+                continue
+            if live and i == len(self.spans) - 1 and span.outcome is None:
+                hi = max(hi, b)
+            total += max(0.0, min(b, hi) - max(a, lo))
+        return total
+
+    def task_seconds(self, name: str, now: str | None = None) -> float:
+        """Seconds task ``name`` has been running, in every segment (pauses not counted): from
+        its first event to its ``task_all_over``; else, while the run runs, to ``now`` (if
+        given); else to the end of the run's last segment."""
+        task = self.tasks.get(name)
+        if task is None:
+            return 0.0
+        if task.all_over:
+            return self.active_between(task.first_ts, task.ended)
+        if now is not None and self.segment_open:
+            return self.active_between(task.first_ts, now, live=True)
+        return self.active_between(task.first_ts, self.spans[-1].end if self.spans else None)
+
+
+def fold(events: Iterable[Event], run_id: str | None = None) -> RunHistory:
+    """Fold a run's events, in seq order, into a :class:`RunHistory`.
+
+    It streams: it keeps one small record per task, and per child only the refs of children
+    that failed (until they succeed) and of attempts running, so folding a run with a million
+    children takes little memory.
+    """
+    history = RunHistory(run_id or "")
+    for ev in events:
+        history.add(ev)
+    return history
+
+
+#: Kinds whose ``data`` the fold reads; for the others it needs only the columns.
+FOLD_DATA_KINDS = (
+    FLOW_STARTED,
+    REPLAYED,
+    *FINAL_KINDS,
+    CHILDREN_RELEASED,
+    CHILDREN_DISCARDED,
+    TASK_FAILED,
+)
+
+
+# -- who owns a run ----------------------------------------------------------------------------
+
+#: Seconds between an owner's heartbeats, and after which a silent owner is taken for dead.
+HEARTBEAT = 5.0
+LEASE = 60.0
+
+
+def owner_alive(pid: int | None, host: str | None, heartbeat: float | None) -> bool:
+    """Whether the process that wrote this heartbeat still owns what it claimed.
+
+    Its heartbeat must be recent; on this host its pid must also exist (a crash is seen at once).
+    """
+    if heartbeat is None or pid is None or wall() - heartbeat > LEASE:
+        return False
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process: it exists
+            return True
+    return True
+
+
+def run_status(
+    outcome: str | None, pid: int | None, host: str | None, heartbeat: float | None
+) -> str:
+    """A run's status: its outcome (the fold's) once its last segment ended; before that,
+    ``"running"`` while its owner (the ``runs`` row's ``pid``, ``host``, ``heartbeat``) is
+    alive, and ``"interrupted"`` once it is gone (a crash: the run can be replayed)."""
+    if outcome is not None:
+        return outcome
+    return "running" if owner_alive(pid, host, heartbeat) else "interrupted"

@@ -20,8 +20,9 @@ from typing import Any
 
 from ._clock import monotonic, wall
 from .errors import FlowRunning, ThreadflowError
+from .events import owner_alive
 from .result import RunHandle, RunResult
-from .store import EventStore, connect, owner_alive
+from .store import EventStore, connect
 
 #: Seconds to wait for the owner to answer a request before giving up.
 ANSWER_TIMEOUT = 10.0
@@ -76,20 +77,11 @@ class RemoteRunHandle(RunHandle):
         self.store = store
 
     def _outcome(self) -> str | None:
-        """The run's outcome; ``"interrupted"`` if its owner died before ending it."""
-        conn = connect(self.store.path, write=False)
-        try:
-            row = conn.execute(
-                "SELECT outcome, pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,)
-            ).fetchone()
-        finally:
-            conn.close()
-        if row is None:
-            return None
-        outcome, pid, host, heartbeat = row
-        if outcome is None and not owner_alive(pid, host, heartbeat):
-            return "interrupted"
-        return outcome  # type: ignore[no-any-return]
+        """The run's status once it is not running: the fold's outcome (``EventStore.status``
+        reads the log's last segment end), or ``"interrupted"`` if its owner died before
+        ending it; None while it runs."""
+        status = self.store.status(self.run_id)
+        return None if status in (None, "running") else status
 
     def done(self) -> bool:
         return self._outcome() is not None

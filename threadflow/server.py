@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AlreadyStarted, FlowRunning, ReplayError, ThreadflowError
+from .events import owner_alive
 from .result import RunHandle
-from .store import owner_alive
 
 # The registry: the one piece of module-level mutable state (server names are per process).
 _registry: dict[Any, ServerCore] = {}

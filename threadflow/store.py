@@ -19,18 +19,33 @@ import functools
 import json
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
-from .events import Event, decode_id, safe_text
+from .events import (
+    CHILD_ADDED,
+    EXIT,
+    FOLD_DATA_KINDS,
+    KINDS,
+    TASK_OVER,
+    TASK_STARTED,
+    TIMEOUT,
+    Event,
+    RunHistory,
+    decode_id,
+    fold,
+    owner_alive,
+    run_status,
+    safe_text,
+)
 
 log = logging.getLogger("threadflow")
 
@@ -70,31 +85,11 @@ def default_path() -> str:
 #: Seconds between two WAL checkpoints of a server's store.
 CHECKPOINT_EVERY = 0.2
 
-#: Seconds between an owner's heartbeats, and after which a silent owner is taken for dead.
-HEARTBEAT = 5.0
-LEASE = 60.0
-
-
-def owner_alive(pid: int | None, host: str | None, heartbeat: float | None) -> bool:
-    """Whether the process that wrote this heartbeat still owns what it claimed.
-
-    Its heartbeat must be recent; on this host its pid must also exist (a crash is seen at once).
-    """
-    if heartbeat is None or pid is None or wall() - heartbeat > LEASE:
-        return False
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # someone else's process: it exists
-            return True
-    return True
-
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One run as listed by :meth:`EventStore.runs`.
+    """One run as listed by :meth:`EventStore.runs`: its ``runs`` row (who owns it) and what its
+    log says (:attr:`history`, the fold that every reader shows).
 
     ``outcome`` is the last segment's end (``all_over``, ``failed_over``, ``interrupted``), or
     None while unfinished; :attr:`status` tells an unfinished run whose owner died
@@ -108,17 +103,61 @@ class RunInfo:
     started: str
     ended: str | None
     outcome: str | None
-    pid: int
-    host: str
+    pid: int | None
+    host: str | None
     heartbeat: float | None = None
-    children_done: int = 0
-    children_failed: int = 0
+    #: The run folded from its log (``EventStore.history``).
+    history: RunHistory | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
-        if self.outcome is not None:
-            return self.outcome
-        return "running" if owner_alive(self.pid, self.host, self.heartbeat) else "interrupted"
+        return run_status(self.outcome, self.pid, self.host, self.heartbeat)
+
+    def _count(self, name: str) -> int:
+        return 0 if self.history is None else int(getattr(self.history, name))
+
+    @property
+    def children_added(self) -> int:
+        """Children of the run's tasks (added by attempts that succeeded or still run)."""
+        return self._count("children_added")
+
+    @property
+    def children_done(self) -> int:
+        """Children that succeeded (a child that failed, then succeeded on replay, included)."""
+        return self._count("children_done")
+
+    @property
+    def children_failed(self) -> int:
+        """Children whose last outcome is a failure (tolerated ones included)."""
+        return self._count("children_failed")
+
+    @property
+    def children_tolerated(self) -> int:
+        return self._count("children_tolerated")
+
+    @property
+    def children_recovered(self) -> int:
+        """Children that failed in one segment and succeeded in a later one."""
+        return self._count("children_recovered")
+
+    @property
+    def segments(self) -> int:
+        return self._count("segments")
+
+    @property
+    def active(self) -> float | None:
+        """Seconds the run was running (pauses between segments not counted)."""
+        return None if self.history is None else self.history.active
+
+    @property
+    def wall(self) -> float | None:
+        """Seconds from its first event to its last."""
+        return None if self.history is None else self.history.wall
+
+    @property
+    def duration(self) -> float | None:
+        """:attr:`active`, once the run has ended; None before."""
+        return None if self.outcome is None else self.active
 
 
 def create_file(path: str, mode: int = FILE_MODE) -> None:
@@ -177,21 +216,56 @@ def _check_writable(path: str) -> None:
             raise _not_writable(path, exc.strerror or str(exc)) from exc
 
 
+def check_readable(path: str) -> None:
+    """Refuse, without changing a byte of it, a file that is not a threadflow store.
+
+    The one check of every reader (``EventStore``, the command line): the file is probed
+    read-only (an ``?mode=ro`` URI), so a missing file is not created and another application's
+    database is not touched.
+
+    :raises StoreError: if ``path`` is missing, a directory, not an SQLite database, an SQLite
+        database without threadflow's tables, or a store of a newer threadflow.
+    """
+    if not os.path.exists(path):
+        raise StoreError(path, f"no store at {path!r}")
+    if os.path.isdir(path):
+        raise StoreError(path, f"{path!r} is a directory, not a store file")
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    try:
+        probe = sqlite3.connect(uri, uri=True)
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master")}
+        finally:
+            probe.close()
+    except sqlite3.Error as exc:
+        raise StoreError(path, f"{path!r} is not a readable SQLite database ({exc})") from None
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            path,
+            f"the store {path!r} has schema version {version}, written by a newer threadflow "
+            f"(this one reads up to {SCHEMA_VERSION})",
+            "upgrade threadflow",
+        )
+    if version != SCHEMA_VERSION or not {"events", "runs"} <= tables:
+        raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
+
+
 def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
     """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
 
     A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
-    to WAL. A reader changes nothing, and accepts only a threadflow store: it never touches
-    another application's database.
+    to WAL. A reader changes nothing, and accepts only a threadflow store (see
+    :func:`check_readable`): it never touches another application's database.
 
     :raises StoreError: if the file is not a SQLite database, was written by a newer
         threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
         created.
     """
-    if not write and not os.path.exists(path):
-        raise StoreError(path, f"there is no store at {path!r}")
     if write:
         create_file(path)
+    else:
+        check_readable(path)
     try:
         conn = sqlite3.connect(
             path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512
@@ -593,7 +667,9 @@ class Writer:
         self, run_id: str, task: str, lo: int, hi: int, limit: int
     ) -> list[tuple[int, str, str]]:
         """As :meth:`read_children`, skipping children that already finished (for replay):
-        those with a ``task_over``, or a ``task_failed`` that was tolerated."""
+        those with a ``task_over``, or a ``task_failed`` that was tolerated. This is the SQL of
+        the fold's *finished* (``children_done`` and ``children_tolerated``);
+        ``tests/test_fold.py`` checks that the two agree."""
         return self.conn.execute(
             "SELECT a.seq, a.child_id, a.data FROM events a WHERE a.seq BETWEEN ? AND ? "
             "AND a.kind = 'child_added' AND NOT EXISTS (SELECT 1 FROM events o "
@@ -777,12 +853,201 @@ class Checkpointer:
 
 
 _EVENT_SELECT = "seq, run_id, ts, kind, task, child_id, attempt, ref, data"
+# The columns the fold reads: the data only of the kinds it looks into (not payloads, results or
+# tracebacks).
+_FOLD_SELECT = (
+    "seq, run_id, ts, kind, task, child_id, attempt, ref, CASE WHEN kind IN ("
+    + ",".join(f"'{kind}'" for kind in FOLD_DATA_KINDS)
+    + ") THEN data END"
+)
+#: Kinds counted by SQLite in :func:`fold_run` rather than decoded: a child's own events (and the
+#: ``child_added`` rows), which make up nearly all of a big log.
+_COUNTED = (CHILD_ADDED, TASK_STARTED, TASK_OVER)
 
 
 def _decoded(cur: sqlite3.Cursor) -> Iterator[Event]:
     while rows := cur.fetchmany(1000):
         for s, r, ts, k, t, c, a, ref, d in rows:
             yield Event(s, r, ts, k, t, decode_id(c), a, ref, json.loads(d) if d else None)
+
+
+def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
+    """``events.fold`` of every event of ``run_id``, computed mostly by SQLite.
+
+    The fold reads the few events that carry decisions (run and stage ends, releases,
+    failures, parent attempts) one by one; a child's ``child_added``, ``task_started`` and
+    ``task_over``, nearly all of a big log, are counted from the index instead of decoded. The
+    result equals the plain fold field by field (``tests/test_fold.py`` checks it on random
+    logs): this is that same function, faster, not a second definition.
+    """
+    decoded = ",".join(f"'{kind}'" for kind in KINDS if kind not in _COUNTED)
+    cur = conn.execute(
+        f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? AND kind IN ({decoded}) "
+        f"UNION ALL SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? "
+        f"AND kind IN ('{TASK_STARTED}', '{TASK_OVER}') AND ref IS NULL ORDER BY seq",
+        (run_id, run_id),
+    )
+    history = fold(_decoded(cur), run_id)
+    # In index order (run_id, kind, task): no sorting. count(ref) counts a child's events.
+    rows = conn.execute(
+        "SELECT kind, task, count(*), count(ref), min(seq), max(seq) FROM events "
+        "WHERE run_id = ? GROUP BY kind, task",
+        (run_id,),
+    ).fetchall()
+    if not rows:
+        return history
+    spans, seg_open = history.spans, history.segment_open
+    last = rows
+    if seg_open and len(spans) > 1:  # the counts of the open segment, from its first seq
+        last = conn.execute(
+            "SELECT kind, task, count(*), count(ref) FROM events WHERE run_id = ? AND seq >= ? "
+            "GROUP BY kind, task",
+            (run_id, spans[-1].seq),
+        ).fetchall()
+    first_seq, last_seq = min(row[4] for row in rows), max(row[5] for row in rows)
+    tasks: dict[str, list[int]] = {}  # first seq, last seq, child attempts started, done
+    for kind, task, _, children, lo, hi in rows:
+        if task is not None:
+            t = tasks.setdefault(task, [lo, hi, 0, 0])
+            t[0], t[1] = min(t[0], lo), max(t[1], hi)
+            if kind == TASK_STARTED:
+                t[2] = children
+            elif kind == TASK_OVER:
+                t[3] = children
+    added: dict[str, int] = {}  # child_added rows of the open segment
+    open_attempts: dict[str, int] = {}  # started minus ended, in the open segment
+    if seg_open:
+        for kind, task, n, children, *_ in last:
+            if kind == CHILD_ADDED:
+                added[task] = n
+            elif kind == TASK_STARTED:
+                open_attempts[task] = open_attempts.get(task, 0) + children
+            elif kind in (TASK_OVER, EXIT, TIMEOUT):
+                open_attempts[task] = open_attempts.get(task, 0) - children
+        for task, n in _abandoned_running(conn, run_id, spans[-1].seq).items():
+            open_attempts[task] = open_attempts.get(task, 0) - n
+    # A segment without a final event ends at its last event: for the last one, the run's
+    # last; for an earlier one (a crash, then a replay), the last before the next segment.
+    ends = {len(spans) - 1: last_seq} if seg_open else {}
+    for i, span in enumerate(spans[:-1]):
+        if span.outcome is None:
+            row = conn.execute(
+                "SELECT seq FROM events WHERE seq < ? AND +run_id = ? ORDER BY seq DESC LIMIT 1",
+                (spans[i + 1].seq, run_id),
+            ).fetchone()
+            ends[i] = row[0]
+    wanted = {first_seq, last_seq, *ends.values(), *(v for t in tasks.values() for v in t[:2])}
+    ts_of = _timestamps(conn, sorted(wanted))
+    history.events = sum(row[2] for row in rows)
+    history.first_ts, history.last_ts = ts_of[first_seq], ts_of[last_seq]
+    for i, seq in ends.items():
+        spans[i].end = ts_of[seq]
+    failures = _child_failures(conn, run_id)
+    for name, (lo, hi, started, done) in tasks.items():
+        task = history.task_history(name)
+        task.first_ts, task.last_ts = ts_of[lo], ts_of[hi]
+        task.children_started, task.children_done = started, done
+        task._seg_added = added.get(name, 0)
+        task._settle(seg_open)
+        task.children_failed, task.children_tolerated, task.children_recovered = failures.get(
+            name, (0, 0, 0)
+        )
+        task.children_running = open_attempts.get(name, 0) if seg_open else 0
+    return history
+
+
+def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for start in range(0, len(seqs), 500):
+        group = seqs[start : start + 500]
+        marks = ",".join("?" * len(group))
+        found.update(conn.execute(f"SELECT seq, ts FROM events WHERE seq IN ({marks})", group))
+    return found
+
+
+def _child_failures(conn: sqlite3.Connection, run_id: str) -> dict[str, tuple[int, int, int]]:
+    """Per task: children failed (no ``task_over``), of those tolerated, and recovered."""
+    rows = conn.execute(
+        "SELECT f.task, f.ref, json_extract(f.data, '$.tolerated'), EXISTS (SELECT 1 FROM events o "
+        f"WHERE o.run_id = f.run_id AND o.kind = '{TASK_OVER}' AND o.task = f.task "
+        "AND o.ref = f.ref) FROM events f WHERE f.run_id = ? AND f.kind = 'task_failed' "
+        "AND f.ref IS NOT NULL",
+        (run_id,),
+    )
+    children: dict[tuple[str, int], list[bool]] = {}
+    for task, ref, tolerated, over in rows:
+        seen = children.setdefault((task, ref), [False, bool(over)])
+        seen[0] = seen[0] or bool(tolerated)
+    counts: dict[str, tuple[int, int, int]] = {}
+    for (task, _), (tolerated, over) in children.items():
+        failed, kept, recovered = counts.get(task, (0, 0, 0))
+        if over:
+            recovered += 1
+        else:
+            failed += 1
+            kept += tolerated
+        counts[task] = (failed, kept, recovered)
+    return counts
+
+
+def _abandoned_running(conn: sqlite3.Connection, run_id: str, since: int) -> dict[str, int]:
+    """Per task: child attempts of the segment from seq ``since`` that ended by ``abandoned``
+    (a stop that did not wait for them), not after their ``timeout``."""
+    rows = conn.execute(
+        "SELECT a.task, count(*) FROM events a WHERE a.run_id = ? AND a.kind = 'abandoned' "
+        "AND a.ref IS NOT NULL AND a.seq >= ? AND NOT EXISTS (SELECT 1 FROM events t "
+        "WHERE t.run_id = a.run_id AND t.kind = 'timeout' AND t.task = a.task AND t.ref = a.ref "
+        "AND t.attempt IS a.attempt AND t.seq >= ? AND t.seq < a.seq) GROUP BY a.task",
+        (run_id, since, since),
+    )
+    return dict(rows.fetchall())
+
+
+def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
+    """A ``runs`` row and its fold: the row says who owns the run, the log how it went."""
+    run_id, flow, server, entrance, started, ended, outcome, pid, host, heartbeat = row
+    if history.events:
+        ended, outcome = history.ended, history.outcome
+    return RunInfo(
+        run_id, flow, server, entrance, started, ended, outcome, pid, host, heartbeat, history
+    )
+
+
+class Follower:
+    """The fold of one run, kept up to date as its log grows (the live progress reads it).
+
+    Each :meth:`update` folds only the events written since the last one: the first reads the
+    run's events through the index, the next ones the rows after the last seq seen, so
+    following a run costs what it writes. Not thread-safe: one reader thread.
+    """
+
+    def __init__(self, store: EventStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.history = RunHistory(run_id)
+        self._seq = 0
+        self._conn: sqlite3.Connection | None = None
+
+    def update(self) -> RunHistory:
+        """Fold the events committed since the last call; return the fold."""
+        if self._conn is None:
+            self._conn = self.store._connect()
+        if self._seq == 0:
+            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? ORDER BY seq"
+            params: tuple[Any, ...] = (self.run_id,)
+        else:
+            # A rowid range: only what was written since (by any run), filtered to this run.
+            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE seq > ? AND +run_id = ? ORDER BY seq"
+            params = (self._seq, self.run_id)
+        for ev in _decoded(self._conn.execute(sql, params)):
+            self.history.add(ev)
+            self._seq = ev.seq
+        return self.history
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class EventStore:
@@ -804,33 +1069,44 @@ class EventStore:
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path, write=False)
 
-    def _runs(self, where: str = "", params: tuple[Any, ...] = ()) -> list[RunInfo]:
+    def check(self) -> None:
+        """Refuse a file that is not a readable threadflow store (see :func:`check_readable`).
+
+        :raises StoreError: saying what the file is instead.
+        """
+        check_readable(self.path)
+
+    def _runs(
+        self, where: str = "", params: tuple[Any, ...] = (), limit: int | None = None
+    ) -> list[RunInfo]:
         conn = self._connect()
         try:
-            rows = conn.execute(
+            sql = (
                 "SELECT run_id, flow, server, entrance, started, ended, outcome, pid, host, "
-                "heartbeat, (SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
-                "AND e.kind = 'task_over' AND e.ref IS NOT NULL), "
-                "(SELECT count(*) FROM events e WHERE e.run_id = r.run_id "
-                "AND e.kind = 'task_failed' AND e.ref IS NOT NULL AND NOT EXISTS ("
-                "SELECT 1 FROM events o WHERE o.run_id = r.run_id AND o.kind = 'task_over' "
-                f"AND o.task = e.task AND o.ref = e.ref)) FROM runs r {where} "
-                "ORDER BY started, rowid",
-                params,
-            ).fetchall()
+                f"heartbeat FROM runs {where} ORDER BY started DESC, rowid DESC"
+            )
+            if limit is not None:
+                sql += f" LIMIT {int(limit)}"
+            rows = conn.execute(sql, params).fetchall()
+            return [_run_info(row, fold_run(conn, row[0])) for row in reversed(rows)]
         finally:
             conn.close()
-        return [RunInfo(*row) for row in rows]
 
-    def runs(self) -> list[RunInfo]:
-        """Every run in the store, oldest first, with its children done and failed (a child
-        that failed and then succeeded in a replay counts as done only)."""
-        return self._runs()
+    def runs(self, *, flow: str | None = None, limit: int | None = None) -> list[RunInfo]:
+        """Every run in the store, oldest first, each with its folded log (``RunInfo.history``).
+
+        :param flow: only the runs of this flow (its class name).
+        :param limit: only the newest ``limit`` runs (still oldest first); only those are
+            folded.
+        """
+        if flow is None:
+            return self._runs(limit=limit)
+        return self._runs("WHERE flow = ?", (flow,), limit)
 
     def run(self, run_id: str) -> RunInfo:
         """The run whose id is ``run_id`` or starts with it.
 
-        Only the matching runs are read (and their children counted), not the whole store.
+        Only the matching runs are read (and folded), not the whole store.
 
         :raises KeyError: if no run, or several runs, match.
         """
@@ -842,6 +1118,28 @@ class EventStore:
             what = "no run" if not matches else f"{len(matches)} runs"
             raise KeyError(f"{what} in {self.path!r} match {run_id!r}")
         return matches[0]
+
+    def status(self, run_id: str) -> str | None:
+        """The run's status (:func:`threadflow.events.run_status`), or None if there is no
+        such run. Cheap enough to poll: it reads the run's last final or ``replayed`` event
+        (the fold's outcome) and its owner, not the whole log."""
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                "SELECT pid, host, heartbeat FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            last = conn.execute(
+                "SELECT kind FROM events WHERE run_id = ? AND kind IN "
+                "('all_over', 'failed_over', 'interrupted', 'replayed') "
+                "ORDER BY seq DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+        finally:
+            conn.close()
+        outcome = None if last is None or last[0] == "replayed" else str(last[0])
+        return run_status(outcome, *row)
 
     def iter_events(self, run_id: str, kind: str | None = None) -> Iterator[Event]:
         """The events of ``run_id`` in order, streamed (only those of ``kind`` if given)."""
@@ -857,56 +1155,18 @@ class EventStore:
         """The events of ``run_id`` in order (only those of ``kind`` if given)."""
         return list(self.iter_events(run_id, kind))
 
-    def history(self, run_id: str) -> Any:
-        """The run folded from its events: a :class:`threadflow.history.RunHistory`.
-
-        The same as ``history.fold(self.iter_events(run_id))``, but quick on a big log: the
-        per-child events that only count (``child_added``, and a child's ``task_started`` and
-        ``task_over``) are counted by SQLite from its index instead of being decoded one by one.
-        """
-        from .history import fold
-
+    def history(self, run_id: str) -> RunHistory:
+        """The run folded from its events: ``events.fold(self.iter_events(run_id))``, computed
+        quickly on a big log (see :func:`fold_run`)."""
         conn = self._connect()
         try:
-            cur = conn.execute(
-                f"SELECT {_EVENT_SELECT} FROM events WHERE run_id = ? "
-                "AND kind NOT IN ('task_started', 'child_added', 'task_over') "
-                f"UNION ALL SELECT {_EVENT_SELECT} FROM events WHERE run_id = ? "
-                "AND kind IN ('task_started', 'task_over') AND ref IS NULL ORDER BY seq",
-                (run_id, run_id),
-            )
-            history = fold(_decoded(cur), run_id)
-            history.events = conn.execute(
-                "SELECT count(*) FROM events WHERE run_id = ?", (run_id,)
-            ).fetchone()[0]
-            for task in history.tasks.values():
-                task.children_failed = 0
-            counts = conn.execute(
-                "SELECT task, kind, count(*) FROM events WHERE run_id = ? "
-                "AND (kind = 'child_added' OR (kind IN ('task_started', 'task_over') "
-                "AND ref IS NOT NULL)) GROUP BY task, kind",
-                (run_id,),
-            )
-            for name, kind, n in counts:
-                task = history.task_history(name)
-                if kind == "child_added":
-                    task.children_added = n
-                elif kind == "task_started":
-                    task.children_started = n
-                else:
-                    task.children_done = n
-            failed = conn.execute(
-                "SELECT f.task, count(DISTINCT f.ref) FROM events f WHERE f.run_id = ? "
-                "AND f.kind = 'task_failed' AND f.ref IS NOT NULL AND NOT EXISTS ("
-                "SELECT 1 FROM events o WHERE o.run_id = f.run_id AND o.kind = 'task_over' "
-                "AND o.task = f.task AND o.ref = f.ref) GROUP BY f.task",
-                (run_id,),
-            )
-            for name, n in failed:
-                history.task_history(name).children_failed = n
+            return fold_run(conn, run_id)
         finally:
             conn.close()
-        return history
+
+    def follow(self, run_id: str) -> Follower:
+        """A :class:`Follower`: the fold of ``run_id``, updated as its log grows."""
+        return Follower(self, run_id)
 
     def results(self, run_id: str, task: str) -> Iterator[tuple[Any, Any]]:
         """``(child_id, result)`` of the finished children of ``task``, in the order added.

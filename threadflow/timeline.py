@@ -1,10 +1,12 @@
-"""The timeline of a run: a self-contained HTML page with an SVG Gantt chart of its attempts.
+"""The timeline of a run: the model of a Gantt chart of its attempts, built from its log.
 
-:func:`build` folds a run's events into rows (one per task, one per child) of bars (one per
-attempt, plus the waits before retries and the threads that outlived their attempt);
-:func:`render` turns that into one HTML page with inline CSS, no script and nothing fetched
-from the network, so it can be mailed, archived or opened from a CI artifact. Hovering a bar
-shows its attempt, times and error (SVG ``<title>`` tooltips).
+:func:`build` reads a run's events once, in seq order, and feeds each to the one fold
+(:class:`threadflow.events.RunHistory`) and to the rows of the chart: one per task and one per
+child, of bars (one per attempt, plus the waits before retries and the threads that outlived
+their attempt). Every number the page shows (durations, attempts, children, failures) is the
+fold's, the same as ``threadflow runs`` and ``show --summary`` show; the rows only say where
+each attempt was in time. :func:`render` (``threadflow._timeline_html``) draws the model as
+one self-contained HTML page.
 
 Rows are streamed from the log: a run with a million children keeps at most ``2 * max_rows``
 child rows in memory; the children that are not drawn one by one are drawn, per task, as one
@@ -13,62 +15,21 @@ row showing how many of their attempts ran at each moment.
 
 from __future__ import annotations
 
-import datetime
-import html
-import json
-import math
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._text import printable
-from .events import FINAL_KINDS, Event
-from .history import RunHistory, fold
+from ._format import compact, duration, error_text, shorten
+from ._timeline_html import render
+from .events import FINAL_KINDS, Event, RunHistory, TaskHistory, ts_seconds
 from .store import EventStore
+
+__all__ = ["MAX_ROWS", "Bar", "Marker", "Row", "Stage", "Timeline", "build", "render", "timeline"]
 
 #: Child rows drawn one by one, at most (the rest are summed up in one row per task).
 MAX_ROWS = 300
-
-#: Fill colour of each kind of bar; the legend and the CSS use the same words.
-COLORS = {
-    "over": "#2f9e58",
-    "exit": "#d8413c",
-    "timeout": "#ee8a1f",
-    "abandoned": "#8a63c6",
-    "retry": "#5b8fd0",
-    "cancelled": "#9aa1a9",
-    "running": "#3b7dd8",
-}
-
-LEGEND = (
-    ("over", "attempt returned"),
-    ("exit", "attempt raised"),
-    ("timeout", "attempt timed out"),
-    ("retry", "waiting to retry"),
-    ("abandoned", "thread kept running after it was cancelled"),
-    ("cancelled", "cancelled when the run ended"),
-    ("running", "no outcome in the log (still running, or its process died)"),
-)
-
-_OUTCOME_COLORS = {
-    "all_over": "#2f9e58",
-    "failed_over": "#d8413c",
-    "interrupted": "#7d8590",
-    "running": "#3b7dd8",
-}
-
-# Layout, in pixels.
-_LABEL_W = 230
-_CHART_W = 880
-_RIGHT = 30
-_ROW_H = 20
-_BAR_H = 12
-_AXIS_H = 30
-_GAP_W = 26
-_TICK_PX = 90
-
 
 # -- the model ---------------------------------------------------------------------------------
 
@@ -79,7 +40,7 @@ class Bar:
 
     start: float  # seconds since the run began
     end: float
-    kind: str  # a key of COLORS
+    kind: str  # over, exit, timeout, retry, abandoned, cancelled, running
     text: str  # the hover text
     #: Only a thread that outlived its attempt (drawn thin, under the row's other bars).
     thread_only: bool = False
@@ -107,17 +68,22 @@ class Row:
 
 @dataclass
 class Stage:
-    """A task of the run, with the figures its summary row and band need."""
+    """A task of the run, placed on the time axis; its counts are the fold's (``history``)."""
 
     name: str
-    started: float | None = None
+    history: TaskHistory | None = None  # None for a task that never started
+    started: float | None = None  # seconds since the run began: its first event
     ended: float | None = None  # its task_all_over
-    added: int = 0  # children added and not discarded
     children_seen: int = 0  # distinct children that started
     hidden_starts: array[float] = field(default_factory=lambda: array("d"))
     hidden_ends: array[float] = field(default_factory=lambda: array("d"))
     hidden_kinds: Counter[str] = field(default_factory=Counter)
     hidden_children: int = 0  # children that ran and are not drawn one by one
+
+    @property
+    def added(self) -> int:
+        """Its children (the fold's ``children_added``)."""
+        return 0 if self.history is None else self.history.children_added
 
 
 @dataclass
@@ -139,7 +105,7 @@ class Timeline:
     end: float  # seconds from the first to the last event
     stages: list[Stage]
     rows: list[Row]
-    spans: list[tuple[float, float]]  # the segments' spans (first run, replays)
+    spans: list[tuple[float, float]]  # the segments' spans (first run, replays): the time axis
     markers: list[Marker]
     counts: Counter[str]  # bars by kind (including those not drawn)
     max_rows: int
@@ -150,30 +116,7 @@ class Timeline:
 
 
 def _seconds(ts: str) -> float:
-    return datetime.datetime.fromisoformat(ts).timestamp()
-
-
-def _compact(value: Any) -> str:
-    plain = list(value) if isinstance(value, tuple) else value
-    return json.dumps(_plain(plain), separators=(",", ":"), ensure_ascii=False, default=repr)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
-
-
-def _error_line(error: Any) -> str:
-    if isinstance(error, dict):
-        kind, message = error.get("type"), error.get("message")
-        return f"{kind}: {message}" if kind else str(message)
-    return "" if error is None else str(error)
+    return ts_seconds(ts) or 0.0
 
 
 def _traceback_tail(error: Any, lines: int = 8) -> str:
@@ -183,23 +126,11 @@ def _traceback_tail(error: Any, lines: int = 8) -> str:
     return "\n".join(tail)
 
 
-def _secs(seconds: float) -> str:
-    """A duration for people: ``0.250 s``, ``12.5 s``, ``3m07s``, ``2h05m``."""
-    if seconds < 10:
-        return f"{seconds:.3f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 class _Builder:
     """Consumes a run's events in seq order; one pass, memory bounded by the rows it keeps."""
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, history: RunHistory, max_rows: int) -> None:
+        self.history = history
         self.max_rows = max_rows
         self.t0: float | None = None
         self.begin: str | None = None
@@ -216,7 +147,6 @@ class _Builder:
         self.cancelled: dict[tuple[str, int | None, int | None], list[Any]] = {}
         self.retry_at: dict[tuple[str, int | None], tuple[float, float]] = {}
         self.seen = bytearray()  # bit per child_added seq: children that started
-        self.spans: list[list[float]] = []
         self.markers: list[Marker] = []
         self.counts: Counter[str] = Counter()
         self.failure_traceback = ""
@@ -234,7 +164,7 @@ class _Builder:
         key = (ev.task or "", ev.ref)
         row = self.rows.get(key)
         if row is None and create:
-            label = (ev.task or "") if ev.ref is None else f"{ev.task}[{_compact(ev.child_id)}]"
+            label = (ev.task or "") if ev.ref is None else f"{ev.task}[{compact(ev.child_id)}]"
             row = self.rows[key] = Row(ev.task or "", label, ev.ref)
             if ev.ref is not None:
                 self.child_rows += 1
@@ -273,7 +203,7 @@ class _Builder:
     def _who(self, ev: Event) -> str:
         name = ev.task or ""
         if ev.ref is not None:
-            name = f"{name}[{_compact(ev.child_id)}]"
+            name = f"{name}[{compact(ev.child_id)}]"
         return f"{name} attempt {ev.attempt}"
 
     def _close_open(self, reason: str, kind: str, at: float) -> None:
@@ -287,11 +217,16 @@ class _Builder:
         self.open.clear()
 
     def _when(self, start: float, end: float) -> str:
-        return f"from +{_secs(start)} to +{_secs(end)} ({_secs(end - start)})"
+        return f"from +{duration(start)} to +{duration(end)} ({duration(end - start)})"
 
     # -- the events
 
     def add(self, ev: Event) -> None:
+        """Draw one more event (the next in seq order), then fold it."""
+        self._draw(ev)
+        self.history.add(ev)
+
+    def _draw(self, ev: Event) -> None:
         t = _seconds(ev.ts)
         if self.t0 is None:
             self.t0, self.begin = t, ev.ts
@@ -299,41 +234,33 @@ class _Builder:
         kind, data = ev.kind, ev.data or {}
         key3 = (ev.task or "", ev.ref, ev.attempt)
         if kind == "flow_started":
-            self.spans.append([t, t])
             self.order = list((data.get("definition") or {}).keys())
             return
         if kind == "replayed":
-            end = self.spans[-1][1] if self.spans else t
+            # The segment before ended at its final event, or (a crash) at its last event.
+            spans = self.history.spans
+            end = _seconds(spans[-1].end) - self.t0 if spans else t
             if self.open:  # attempts of the segment before that never reported
                 self._close_open("no outcome in the log: its process ended", "running", end)
             if not self.markers or self.markers[-1].kind not in FINAL_KINDS:
                 text = "the process ended without a final event (a crash or a kill)"
                 self.markers.append(Marker(end, "interrupted", text))
-            self.spans.append([t, t])
             self.markers.append(Marker(t, "replayed", f"replay {data.get('segment', '')}"))
             return
-        if self.spans:
-            self.spans[-1][1] = t
         if kind in FINAL_KINDS:
             why = {"failed_over": "the run failed", "interrupted": "the run was stopped"}
             self._close_open(f"cancelled: {why.get(kind, 'the run ended')}", "cancelled", t)
             text = kind
             if kind == "failed_over" and data.get("task"):
                 task = data["task"]
-                name = task[0] if len(task) == 1 else f"{task[0]}[{_compact(task[1])}]"
-                text = f"failed_over: {name}: {_error_line(data.get('error'))}"
+                name = task[0] if len(task) == 1 else f"{task[0]}[{compact(task[1])}]"
+                text = f"failed_over: {name}: {error_text(data.get('error'))}"
             self.markers.append(Marker(t, kind, text))
             return
         if ev.task is None:
             return
         stage = self._stage(ev.task)
-        if kind == "child_added":
-            stage.added += 1
-        elif kind == "children_discarded":
-            stage.added -= int(data.get("count", 0))
-        elif kind == "task_started":
-            if stage.started is None:
-                stage.started = t
+        if kind == "task_started":
             row_key = (ev.task, ev.ref)
             if ev.ref is None:
                 self._row(ev, create=True)
@@ -351,7 +278,7 @@ class _Builder:
                         waited[0],
                         t,
                         "retry",
-                        f"{self._who(ev)}: waited {_secs(t - waited[0])} to start "
+                        f"{self._who(ev)}: waited {duration(t - waited[0])} to start "
                         f"(task_retry_delay {waited[1]:g} s)",
                     ),
                 )
@@ -364,9 +291,9 @@ class _Builder:
             error = data.get("error")
             if kind == "task_over":
                 if "result" in data and data["result"] is not None:
-                    text += f"\nresult: {_shorten(_compact(data['result']), 160)}"
+                    text += f"\nresult: {shorten(compact(data['result']), 160)}"
             else:
-                text += f"\n{_error_line(error)}"
+                text += f"\n{error_text(error)}"
                 tail = _traceback_tail(error)
                 if tail:
                     text += f"\n\n{tail}"
@@ -407,22 +334,20 @@ class _Builder:
                         t,
                         "abandoned",
                         f"{self._who(ev)}: its thread ignored the cancel and returned at "
-                        f"+{_secs(t)}; its outcome ({outcome}) was ignored",
+                        f"+{duration(t)}; its outcome ({outcome}) was ignored",
                         thread_only=True,
                     ),
                 )
         elif kind == "task_failed":
             row = self._row(ev, create=ev.ref is None)
-            error = _error_line(data.get("error"))
+            error = error_text(data.get("error"))
             if row is not None:
                 row.failed, row.tolerated, row.error = t, bool(data.get("tolerated")), error
             if not data.get("tolerated"):
                 tb = _traceback_tail(self.last_error.get((ev.task, ev.ref)), 40)
                 self.failure_traceback = tb
-        elif kind == "task_all_over":
-            stage.ended = t
 
-    def finish(self, history: RunHistory, status: str) -> Timeline:
+    def finish(self, status: str) -> Timeline:
         if self.open:
             self._close_open(
                 "no outcome in the log (still running, or its process died)", "running", self.now
@@ -436,14 +361,24 @@ class _Builder:
                 )
                 self._add_bar(ev, Bar(since, self.now, "abandoned", text, thread_only=True))
         rows = self._select_rows()
+        history = self.history
         names = list(dict.fromkeys([*self.stages, *self.order]))
         stages = [self._stage(name) for name in names]
         for stage in stages:
             drawn = sum(1 for r in rows if r.task == stage.name and not r.is_parent)
             stage.hidden_children = max(0, stage.children_seen - drawn)
+            folded = history.tasks.get(stage.name)
+            if folded is not None:
+                stage.history = folded
+                stage.started = self._at(folded.first_ts)
+                stage.ended = self._at(folded.ended)
         rank = {name: i for i, name in enumerate(names)}
         rows.sort(key=lambda r: (rank.get(r.task, 0), -1 if r.ref is None else r.ref))
-        spans = [(a, b) for a, b in self.spans] or [(0.0, self.now)]
+        # The time axis: the fold's segments; the last one reaches the log's last event (a
+        # thread that returned after the run ended is drawn too).
+        spans = [(self._at(s.start) or 0.0, self._at(s.end) or 0.0) for s in history.spans]
+        if spans:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], self.now))
         return Timeline(
             history=history,
             status=status,
@@ -451,12 +386,17 @@ class _Builder:
             end=self.now,
             stages=stages,
             rows=rows,
-            spans=spans,
+            spans=spans or [(0.0, self.now)],
             markers=self.markers,
             counts=self.counts,
             max_rows=self.max_rows,
             failure_traceback=self.failure_traceback,
         )
+
+    def _at(self, ts: str | None) -> float | None:
+        """Seconds since the run began."""
+        t = ts_seconds(ts)
+        return None if t is None or self.t0 is None else t - self.t0
 
     def _select_rows(self) -> list[Row]:
         """Parents, then children that did anything but succeed at once, then the others."""
@@ -475,12 +415,6 @@ class _Builder:
         return parents + loud + keep
 
 
-def _tap(events: Iterable[Event], builder: _Builder) -> Iterator[Event]:
-    for ev in events:
-        builder.add(ev)
-        yield ev
-
-
 def build(
     events: Iterable[Event],
     run_id: str | None = None,
@@ -488,487 +422,29 @@ def build(
     status: str | None = None,
     max_rows: int = MAX_ROWS,
 ) -> Timeline:
-    """Fold a run's events (in seq order) into a :class:`Timeline`, in one pass.
+    """Fold a run's events (in seq order) into a :class:`Timeline`, in one pass: the fold
+    (``Timeline.history``) and the rows of bars together.
 
     :param status: the run's status when the log has no end (``RunInfo.status``: ``"running"``
         or ``"interrupted"``); by default the log's outcome, else ``"running"``.
     :param max_rows: child rows drawn one by one, at most; children that failed, timed out or
         were retried are drawn first.
     """
-    builder = _Builder(max_rows)
-    history = fold(_tap(events, builder), run_id)
-    return builder.finish(history, history.outcome or status or "running")
+    builder = _Builder(RunHistory(run_id or ""), max_rows)
+    for ev in events:
+        builder.add(ev)
+    history = builder.history
+    return builder.finish(history.outcome or status or "running")
 
 
 def timeline(store: EventStore, run_id: str, *, max_rows: int = MAX_ROWS) -> str:
-    """The HTML page of run ``run_id`` of ``store`` (the run id must be exact).
+    """The HTML page of run ``run_id`` of ``store`` (an id, or a prefix that names one run).
 
-    :raises KeyError: if no run matches.
+    :param max_rows: children drawn one row each, at most (see :func:`build`).
+    :raises KeyError: if no run, or several, match.
     """
     info = store.run(run_id)
-    built = build(store.iter_events(info.run_id), info.run_id, status=info.status)
+    built = build(
+        store.iter_events(info.run_id), info.run_id, status=info.status, max_rows=max_rows
+    )
     return render(built)
-
-
-# -- drawing -----------------------------------------------------------------------------------
-
-
-class _Scale:
-    """Seconds to x pixels; long pauses between segments (a replay hours later) are cut out."""
-
-    def __init__(self, spans: list[tuple[float, float]], width: float) -> None:
-        spans = sorted(spans)
-        active = sum(b - a for a, b in spans) or 1e-9
-        merged: list[list[float]] = []
-        for a, b in spans:
-            if merged and a - merged[-1][1] <= max(1.0, 0.1 * active):
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        self.spans = [(a, b) for a, b in merged]
-        self.cuts = len(self.spans) - 1
-        total = sum(b - a for a, b in self.spans) or 1e-9
-        self.pps = (width - self.cuts * _GAP_W) / total  # pixels per second
-        self.offsets: list[float] = []
-        x = 0.0
-        for a, b in self.spans:
-            self.offsets.append(x)
-            x += (b - a) * self.pps + _GAP_W
-
-    def x(self, t: float) -> float:
-        for (a, b), off in zip(self.spans, self.offsets, strict=True):
-            if t <= b:
-                return off + max(0.0, t - a) * self.pps
-        a, b = self.spans[-1]
-        return self.offsets[-1] + (b - a) * self.pps
-
-    def ticks(self) -> list[tuple[float, float, str]]:
-        """``(x, seconds, label)`` at a round step, about every :data:`_TICK_PX` pixels."""
-        step = _nice_step(_TICK_PX / self.pps)
-        out = []
-        for a, b in self.spans:
-            first = math.ceil(a / step - 1e-9) * step
-            n = 0
-            while first + n * step <= b + 1e-9:
-                t = first + n * step
-                out.append((self.x(t), t, _tick_label(t, step)))
-                n += 1
-        return out
-
-
-def _nice_step(seconds: float) -> float:
-    for unit in (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 36000, 86400):
-        for m in (1, 2, 5):
-            if m * unit >= seconds and not (unit == 10 and m == 5):
-                return m * unit
-    return 86400 * math.ceil(seconds / 86400)
-
-
-def _tick_label(t: float, step: float) -> str:
-    if step < 1:
-        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-        return f"{t:.{decimals}f}s"
-    if t < 60:
-        return f"{t:g}s"
-    minutes, secs = divmod(int(round(t)), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _active(tl: Timeline, a: float, b: float) -> float:
-    """Seconds between ``a`` and ``b`` during which the run was running (pauses between
-    segments, before a replay, do not count)."""
-    if len(tl.spans) < 2:
-        return max(0.0, b - a)
-    return sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in tl.spans)
-
-
-def _e(text: Any) -> str:
-    """Text from the log as HTML text: control characters shown as escapes (and a lone
-    surrogate, which cannot be written as UTF-8, as ``\\udcff``), lines kept."""
-    return html.escape(printable(str(text), newlines=True), quote=True)
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
-margin:0;padding:16px 20px;background:#fff}
-h1{font-size:20px;margin:0 0 6px;font-weight:600}
-h1 .run{font-weight:400;color:#59636e;font-family:ui-monospace,Menlo,Consolas,monospace;
-font-size:15px}
-.status{display:inline-block;color:#fff;border-radius:10px;padding:1px 9px;font-size:13px;
-vertical-align:2px}
-.facts{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 8px;padding:0;color:#59636e}
-.facts b{color:#1f2328;font-weight:600}
-.failure{margin:6px 0;padding:6px 10px;border-left:4px solid #d8413c;background:#fdf0ef}
-.failure summary{cursor:pointer;color:#59636e;font-size:13px}
-.failure pre{margin:6px 0 0;font-size:12px;white-space:pre-wrap;max-height:16em;overflow:auto}
-table.tasks{border-collapse:collapse;margin:6px 0 8px;font-size:13px}
-.tasks th,.tasks td{padding:2px 10px 2px 0;text-align:right;white-space:nowrap}
-.tasks th{color:#59636e;font-weight:500;border-bottom:1px solid #d1d9e0}
-.tasks td:first-child,.tasks th:first-child{text-align:left;font-family:ui-monospace,Menlo,
-Consolas,monospace}
-.share{display:inline-block;height:8px;background:#8fb3e0;vertical-align:middle;margin-right:4px}
-.bad{color:#c22d28;font-weight:600}
-.legend{display:flex;flex-wrap:wrap;gap:2px 16px;margin:4px 0 10px;padding:0;list-style:none;
-font-size:12.5px;color:#59636e}
-.legend i{display:inline-block;width:14px;height:10px;border-radius:2px;margin-right:5px;
-vertical-align:-1px}
-svg{display:block;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-svg .bar:hover{stroke:#1f2328;stroke-width:1.5}
-svg .row:hover{fill:#eef3fb}
-footer{margin-top:10px;color:#818b98;font-size:12px}
-"""
-
-
-def _legend_swatch(kind: str) -> str:
-    color = COLORS[kind]
-    if kind in ("retry", "abandoned"):
-        style = (
-            f"background:repeating-linear-gradient(135deg,{color} 0 3px,#fff 3px 5px);"
-            f"box-shadow:inset 0 0 0 1px {color}"
-        )
-    else:
-        style = f"background:{color}"
-    return f'<i style="{style}"></i>'
-
-
-def _header(tl: Timeline) -> list[str]:
-    h = tl.history
-    color = _OUTCOME_COLORS.get(tl.status, "#7d8590")
-    out = [
-        f"<h1>{_e(h.flow or '?')} <span class=run>run {_e(h.run_id)}</span> "
-        f'<span class=status style="background:{color}">{_e(tl.status)}</span></h1>'
-    ]
-    attempts = sum(t.attempts + t.children_started for t in h.tasks.values())
-    facts = [
-        ("started", (tl.begin or "-").replace("T", " ")[:23] + " UTC"),
-        ("duration", _secs(_active(tl, 0.0, tl.end))),
-        ("entrance", h.entrance or "-"),
-        ("segments", str(h.segments)),
-        *([("first start to last event", _secs(tl.end))] if len(tl.spans) > 1 else []),
-        ("attempts", str(attempts)),
-        ("exits", str(tl.counts["exit"])),
-        ("timeouts", str(tl.counts["timeout"])),
-        ("retries", str(sum(t.retries for t in h.tasks.values()))),
-        ("abandoned", str(sum(t.abandoned for t in h.tasks.values()))),
-    ]
-    if h.callback_errors:
-        facts.append(("callback errors", str(h.callback_errors)))
-    out.append(
-        "<p class=facts>"
-        + "".join(f"<span>{_e(k)} <b>{_e(v)}</b></span>" for k, v in facts)
-        + "</p>"
-    )
-    if h.task is not None:
-        name = h.task[0] if len(h.task) == 1 else f"{h.task[0]}[{_compact(h.task[1])}]"
-        block = f"<div class=failure><b>failed task {_e(name)}</b>: {_e(_error_line(h.error))}"
-        if tl.failure_traceback:
-            block += (
-                f"<details><summary>traceback</summary><pre>{_e(tl.failure_traceback)}</pre>"
-                "</details>"
-            )
-        out.append(block + "</div>")
-    if h.failed:
-        shown = ", ".join(
-            f"{t[0]}[{_compact(t[1])}]" if len(t) > 1 else str(t[0]) for t in h.failed[:8]
-        )
-        more = f" and {len(h.failed) - 8} more" if len(h.failed) > 8 else ""
-        out.append(
-            f"<p>tolerated failures ({len(h.failed)}): <span class=bad>{_e(shown)}</span>"
-            f"{_e(more)}</p>"
-        )
-    out.extend(_task_table(tl))
-    out.append(
-        "<ul class=legend>"
-        + "".join(f"<li>{_legend_swatch(k)}{_e(k)}: {_e(text)}</li>" for k, text in LEGEND)
-        + "<li><b class=bad>\u2717</b> used up its attempts</li></ul>"
-    )
-    return out
-
-
-def _task_table(tl: Timeline) -> list[str]:
-    heads = (
-        "task",
-        "start",
-        "time",
-        "attempts",
-        "children",
-        "done",
-        "failed",
-        "exits",
-        "timeouts",
-        "retries",
-        "state",
-    )
-    out = ["<table class=tasks><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"]
-    total = _active(tl, 0.0, tl.end) or 1e-9
-    for stage in tl.stages:
-        t = tl.history.tasks.get(stage.name)
-        if t is None or stage.started is None:
-            cells = [stage.name, "-", "-", "0", "-", "-", "-", "-", "-", "-", "not started"]
-            out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
-            continue
-        end = stage.ended if stage.ended is not None else tl.end
-        took = _active(tl, stage.started, end)
-        share = f'<span class=share style="width:{max(1, round(60 * took / total))}px"></span>'
-        if t.all_over:
-            state = "all over"
-        elif tl.history.task is not None and tl.history.task[0] == stage.name:
-            state = '<span class="bad">failed</span>'
-        elif tl.status in ("running",):
-            state = "running"
-        else:
-            state = "unfinished"
-        failed = str(t.children_failed)
-        if t.children_failed:
-            failed = f"<span class=bad>{failed}</span>"
-        cells = [
-            _e(stage.name),
-            f"+{_e(_secs(stage.started))}",
-            share + _e(_secs(took)),
-            str(t.attempts),
-            str(stage.added),
-            str(t.children_done),
-            failed,
-            str(t.exits),
-            str(t.timeouts),
-            str(t.retries),
-            state,
-        ]
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    out.append("</table>")
-    return out
-
-
-def _svg(tl: Timeline) -> list[str]:
-    scale = _Scale(tl.spans, _CHART_W)
-    x0 = _LABEL_W
-    rows: list[tuple[str, Any]] = []  # ("row", Row) | ("hidden", Stage) | ("idle", Stage)
-    by_task: dict[str, list[Row]] = {}
-    for row in tl.rows:
-        by_task.setdefault(row.task, []).append(row)
-    for stage in tl.stages:
-        task_rows = by_task.get(stage.name, [])
-        if not task_rows:
-            rows.append(("idle", stage))
-            continue
-        rows.extend(("row", r) for r in task_rows)
-        if stage.hidden_children or stage.hidden_starts:
-            rows.append(("hidden", stage))
-    height = _AXIS_H + len(rows) * _ROW_H + 8
-    width = _LABEL_W + _CHART_W + _RIGHT
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="timeline of run '
-        f'{_e(tl.history.run_id)}">',
-        "<defs>",
-    ]
-    for kind in ("retry", "abandoned"):
-        c = COLORS[kind]
-        out.append(
-            f'<pattern id="hatch-{kind}" width="6" height="6" patternUnits="userSpaceOnUse" '
-            f'patternTransform="rotate(45)"><rect width="6" height="6" fill="#fff"/>'
-            f'<rect width="3" height="6" fill="{c}"/></pattern>'
-        )
-    out.append("</defs>")
-    # time axis and grid
-    grid_bottom = height - 4
-    for x, _t, label in scale.ticks():
-        gx = x0 + x
-        out.append(
-            f'<line x1="{gx:.1f}" y1="{_AXIS_H - 6}" x2="{gx:.1f}" y2="{grid_bottom}" '
-            'stroke="#e3e8ee"/>'
-        )
-        out.append(
-            f'<text x="{gx:.1f}" y="{_AXIS_H - 10}" text-anchor="middle" fill="#59636e">'
-            f"{_e(label)}</text>"
-        )
-    for i in range(scale.cuts):
-        a, b = scale.spans[i][1], scale.spans[i + 1][0]
-        gx = x0 + scale.offsets[i + 1] - _GAP_W / 2
-        out.append(
-            f"<g><title>{_e(_secs(b - a))} without a run (between segments)</title>"
-            f'<rect x="{gx - _GAP_W / 2 + 3:.1f}" y="{_AXIS_H - 6}" width="{_GAP_W - 6}" '
-            f'height="{grid_bottom - _AXIS_H + 6}" fill="#f3f5f7"/>'
-            f'<text x="{gx:.1f}" y="{_AXIS_H - 10}" text-anchor="middle" fill="#818b98">'
-            "\u2026</text></g>"
-        )
-    for i, (what, item) in enumerate(rows):
-        y = _AXIS_H + i * _ROW_H
-        out.extend(_draw_row(what, item, y, x0, scale, tl, i))
-    # markers on top
-    for m in tl.markers:
-        gx = x0 + scale.x(m.at)
-        color = _OUTCOME_COLORS.get(m.kind, "#3b7dd8")
-        out.append(
-            f"<g><title>{_e(m.text)} at +{_e(_secs(m.at))}</title>"
-            f'<line x1="{gx:.1f}" y1="{_AXIS_H - 4}" x2="{gx:.1f}" y2="{grid_bottom}" '
-            f'stroke="{color}" stroke-width="1.5" stroke-dasharray="4 3"/>'
-            f'<rect x="{gx - 5:.1f}" y="{_AXIS_H - 8}" width="10" height="6" fill="{color}"/></g>'
-        )
-    out.append("</svg>")
-    return out
-
-
-def _draw_row(
-    what: str, item: Any, y: float, x0: float, scale: _Scale, tl: Timeline, i: int
-) -> list[str]:
-    out = []
-    width = _LABEL_W + _CHART_W + _RIGHT
-    stripe = "#f7f9fb" if i % 2 else "#ffffff"
-    mid = y + _ROW_H / 2
-    if what == "idle":
-        stage: Stage = item
-        out.append(
-            f'<rect class="row" x="0" y="{y}" width="{width}" height="{_ROW_H}" fill="{stripe}"/>'
-        )
-        out.append(
-            f'<text x="6" y="{mid + 4}" fill="#818b98"><title>{_e(stage.name)}: never started '
-            f"in this run</title>{_e(_shorten(stage.name, 22))} \u00b7 not started</text>"
-        )
-        return out
-    if what == "hidden":
-        stage = item
-        return _draw_hidden(stage, y, x0, scale, stripe, width)
-    row: Row = item
-    out.append(
-        f'<rect class="row" x="0" y="{y}" width="{width}" height="{_ROW_H}" fill="{stripe}"/>'
-    )
-    if row.is_parent:
-        stage = next(s for s in tl.stages if s.name == row.task)
-        if stage.started is not None:
-            end = stage.ended if stage.ended is not None else tl.end
-            bx, bw = x0 + scale.x(stage.started), scale.x(end) - scale.x(stage.started)
-            out.append(
-                f'<rect x="{bx:.1f}" y="{y + 2}" width="{max(bw, 1):.1f}" '
-                f'height="{_ROW_H - 4}" fill="#dde6f1" rx="3"><title>{_e(_stage_text(stage, tl))}'
-                "</title></rect>"
-            )
-    label = row.label if row.is_parent else "  " + row.label
-    color = "#1f2328" if row.is_parent else "#444c56"
-    weight = ' font-weight="600"' if row.is_parent else ""
-    indent = 6 if row.is_parent else 18
-    if row.failed is not None:
-        mark = "#e07b00" if row.tolerated else "#c22d28"
-        if not row.recovered:
-            color = mark
-    out.append(
-        f'<text x="{indent}" y="{mid + 4}" fill="{color}"{weight}><title>{_e(label.strip())}'
-        f"</title>{_e(_shorten(label.strip(), 27 if row.is_parent else 25))}</text>"
-    )
-    # Number the attempts of a row that has several.
-    numbered = sum(1 for b in row.bars if b.kind != "retry" and not b.thread_only) > 1
-    for bar in row.bars:
-        bx = x0 + scale.x(bar.start)
-        bw = max(scale.x(bar.end) - scale.x(bar.start), 2.0)
-        if bar.kind == "retry":
-            h, by = 6, mid - 3
-        elif bar.thread_only:
-            h, by = 4, mid + _BAR_H / 2 - 1
-        else:
-            h, by = _BAR_H, mid - _BAR_H / 2
-        fill = f"url(#hatch-{bar.kind})" if bar.kind in ("retry", "abandoned") else COLORS[bar.kind]
-        if bw > 4 and bar.kind not in ("retry",) and not bar.thread_only:
-            bw -= 1  # a hair of space between back-to-back attempts
-        out.append(
-            f'<rect class="bar" x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{h}" '
-            f'rx="2" fill="{fill}" stroke="{COLORS[bar.kind]}" stroke-width="0.8">'
-            f"<title>{_e(bar.text)}</title></rect>"
-        )
-        if numbered and bar.attempt and bw >= 16 and h == _BAR_H and bar.kind != "abandoned":
-            out.append(
-                f'<text x="{bx + 4:.1f}" y="{mid + 4}" fill="#fff" font-size="10" '
-                f'pointer-events="none">{bar.attempt}</text>'
-            )
-    if row.failed is not None:
-        fx = x0 + scale.x(row.failed) + 4
-        what_ = "tolerated" if row.tolerated else "fatal"
-        out.append(
-            f'<text x="{fx:.1f}" y="{mid + 5}" fill="{mark}" font-weight="700" '
-            f'font-size="14"><title>{_e(row.label)} used up its attempts ({what_}): '
-            f"{_e(row.error)}</title>\u2717</text>"
-        )
-    return out
-
-
-def _stage_text(stage: Stage, tl: Timeline) -> str:
-    end = stage.ended if stage.ended is not None else tl.end
-    state = "all over" if stage.ended is not None else "not all over"
-    started = stage.started or 0.0
-    return (
-        f"stage {stage.name}: from +{_secs(started)} to +{_secs(end)} "
-        f"({_secs(_active(tl, started, end))} running), {state}; {stage.added} children"
-    )
-
-
-def _draw_hidden(
-    stage: Stage, y: float, x0: float, scale: _Scale, stripe: str, width: float
-) -> list[str]:
-    mid = y + _ROW_H / 2
-    n = stage.hidden_children
-    kinds = ", ".join(f"{v} {k}" for k, v in sorted(stage.hidden_kinds.items())) or "no attempts"
-    out = [
-        f'<rect class="row" x="0" y="{y}" width="{width}" height="{_ROW_H}" fill="{stripe}"/>',
-        f'<text x="18" y="{mid + 4}" fill="#59636e" font-style="italic"><title>{n} more '
-        f"children of {_e(stage.name)} are not drawn one by one ({kinds}); the bars show how "
-        f"many of their attempts ran at each moment</title>+{n} more "
-        f"{'child' if n == 1 else 'children'}</text>",
-    ]
-    starts, ends = stage.hidden_starts, stage.hidden_ends
-    if not starts:
-        return out
-    buckets = int(_CHART_W // 3)
-    diff = [0] * (buckets + 2)
-    for a, b in zip(starts, ends, strict=True):
-        i = min(buckets, int(scale.x(a) / 3))
-        j = min(buckets, int(scale.x(b) / 3))
-        diff[i] += 1
-        diff[j + 1] -= 1
-    level, peak, counts = 0, 0, []
-    for i in range(buckets + 1):
-        level += diff[i]
-        counts.append(level)
-        peak = max(peak, level)
-    if peak == 0:
-        return out
-    color = "#7a9cc6"
-    for i, c in enumerate(counts):
-        if c:
-            h = max(1.5, (_ROW_H - 4) * c / peak)
-            out.append(
-                f'<rect x="{x0 + 3 * i:.1f}" y="{y + _ROW_H - 2 - h:.1f}" width="3" '
-                f'height="{h:.1f}" fill="{color}" opacity="0.75"/>'
-            )
-    out.append(
-        f'<rect class="bar" x="{x0}" y="{y}" width="{_CHART_W}" height="{_ROW_H}" '
-        f'fill="transparent"><title>{_e(stage.name)}: {len(starts)} attempts of {n} children '
-        f"not drawn one by one ({kinds}); at most {peak} running at once</title></rect>"
-    )
-    return out
-
-
-def render(tl: Timeline) -> str:
-    """The whole HTML page of a :class:`Timeline`: inline CSS, inline SVG, no script."""
-    from . import __version__
-
-    h = tl.history
-    title = f"{h.flow or 'threadflow'} run {h.run_id}: {tl.status}"
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<header>",
-        *_header(tl),
-        "</header><main>",
-        *_svg(tl),
-        "</main>",
-        f"<footer>threadflow {_e(__version__)} \u00b7 times are seconds since the run began "
-        f"({_e((tl.begin or '-').replace('T', ' ')[:23])} UTC) \u00b7 hover a bar for its "
-        "attempt, times and error</footer>",
-        "</body></html>",
-    ]
-    return "\n".join(parts) + "\n"
