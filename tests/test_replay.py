@@ -141,6 +141,9 @@ def test_replay_after_a_failed_child_reruns_it_and_the_children_after_it(store_p
     assert started(first) == [("square", None), ("square", 0), ("square", 1), ("square", 2)]
     assert started(second) == [("square", 2), ("square", 3), ("square", 4)]
     assert overs(store_path, res.run_id) == only_once("square", range(5))
+    # The child that failed the run and succeeded on replay is done, not failed.
+    [all_over] = [e for e in second if e.kind == "task_all_over"]
+    assert all_over.data == {"done": 5, "failed": 0}
     assert list(results(res.state, "square")) == [(i, i * 10) for i in range(5)]
     [info] = EventStore(store_path).runs()
     assert (info.run_id, info.outcome, info.status) == (res.run_id, "all_over", "all_over")

@@ -811,7 +811,7 @@ class Coordinator:
                 stage.parent_done = True
                 stage.replayed = True
                 stage.ranges.extend([lo, hi] for lo, hi in past.released)
-                stage.done, stage.failed = past.children_done, past.children_failed
+                stage.done, stage.failed = past.children_done, past.children_tolerated
                 run.stages[name] = stage
                 run.open += 1
             elif (past is not None and past.started) or not waiting[name]:
@@ -1324,6 +1324,7 @@ class Coordinator:
             or self._replies
             or self._after
             or self._stop_at is not None
+            or self.commit_every <= 0  # (the turn that opened the transaction commits it)
             or self.now >= writer.opened + self.commit_every
         ):
             writer.commit()

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import FlowDefinitionError, ReplayError
+from .events import RunHistory
 
 #: ``next=ALL_OVER`` ends a branch; the run is over when every branch has reached it.
 ALL_OVER = "all_over"
@@ -396,7 +397,7 @@ def check_flow(cls: type) -> FlowDefinition | None:
     )
 
 
-def check_same_flow(definition: FlowDefinition, history: Any) -> None:
+def check_same_flow(definition: FlowDefinition, history: RunHistory) -> None:
     """:raises ReplayError: naming each difference between the flow and the one that wrote
     the log (other task options may change between runs: that is what a fix looks like)."""
     problems = []
@@ -404,9 +405,11 @@ def check_same_flow(definition: FlowDefinition, history: Any) -> None:
         problems.append(f"its log names no entrance of this flow ({history.entrance!r})")
     if history.flow is not None and history.flow != definition.name:
         problems.append(f"it was written by flow {history.flow!r}")
-    recorded = history.definition
-    if recorded is None:
-        recorded = {name: None for name in history.tasks}
+    recorded: Mapping[str, list[str] | None] = (
+        history.definition
+        if history.definition is not None
+        else {name: None for name in history.tasks}
+    )
     for name, nexts in recorded.items():
         spec = definition.tasks.get(name)
         if spec is None:

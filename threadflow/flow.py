@@ -304,9 +304,9 @@ class Flow:
         refusal = server.replay_refusal(run_id, store.path, row)
         if refusal is not None:
             raise refusal
-        history = store.history(run_id)
-        check_same_flow(coord.definition, history)
         assert info is not None
+        history = info.history if info.history is not None else store.history(run_id)
+        check_same_flow(coord.definition, history)
         handle = core.take_slot(run_id, datetime.datetime.fromisoformat(info.started))
         reply = Reply()
         coord.post(ReplayRun(handle, history, reply))
