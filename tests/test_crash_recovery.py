@@ -158,4 +158,3 @@ def test_with_group_commit_a_kill_reruns_only_unlogged_children(tmp_path, store_
         f"{len(by_log)} by the log, {len(by_journal)} in fact"
     )
     assert ("split", CRASH_MARK) in by_journal
-
