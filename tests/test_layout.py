@@ -83,3 +83,20 @@ def test_the_cycle_check_sees_function_level_imports(tmp_path):
     assert _imports(source) == {"flow"}
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import x\n")
     assert _imports(source) == set()
+
+
+def test_no_module_imports_another_modules_private_names():
+    # Private helpers stay in their module; what another module needs is public there.
+    # (__init__ re-exports _registry_servers for the test suite's clean-up fixture.)
+    offenders = []
+    for path in PACKAGE.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                offenders += [
+                    f"{path.stem} imports {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    assert offenders == []
