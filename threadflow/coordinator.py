@@ -73,7 +73,7 @@ POLL = 0.2
 MAX_WAIT = 3600.0
 
 
-class _Run:
+class Run:
     """One run of the flow; lives from its ``start`` message to its final event."""
 
     __slots__ = ("run_id", "handle", "state", "view", "waiting", "stages", "open", "failed", "over")
@@ -84,13 +84,13 @@ class _Run:
         self.state = state
         self.view = MappingProxyType(state)  # what task functions get: read-only, live
         self.waiting = waiting  # task -> predecessors (reachable in this run) not yet all over
-        self.stages: dict[str, _Stage] = {}
+        self.stages: dict[str, Stage] = {}
         self.open = 0  # stages started and not yet all over
         self.failed: list[tuple[Any, ...]] = []
         self.over = False
 
 
-class _Stage:
+class Stage:
     """A task of a run: its parent attempt, and the queue and running set of its children.
 
     Waiting children stay in the store: ``ranges`` holds seq ranges of released
@@ -124,18 +124,18 @@ class _Stage:
         "handover",
     )
 
-    def __init__(self, name: str, spec: TaskSpec, run: _Run, pools: tuple[Pool, Pool]) -> None:
+    def __init__(self, name: str, spec: TaskSpec, run: Run, pools: tuple[Pool, Pool]) -> None:
         self.name = name
         self.spec = spec
         self.run = run
         self.parent_pool, self.pool = pools  # where the parent's and the children's attempts run
         self.cap: int = spec.max_concurrency or os.cpu_count() or 1
-        self.parent: _Attempt | None = None
+        self.parent: Attempt | None = None
         self.parent_done = False
         self.ranges: deque[list[int]] = deque()
         self.buffer: deque[tuple[int, str, str]] = deque()
         self.retry_ready: deque[tuple[str | None, int | None, str | None, int]] = deque()
-        self.running: OrderedDict[int, _Attempt] = OrderedDict()
+        self.running: OrderedDict[int, Attempt] = OrderedDict()
         self.delayed = 0  # retries waiting for their delay
         self.done = 0
         self.failed = 0
@@ -147,11 +147,11 @@ class _Stage:
         # while nobody listens to task_start, which must fire before an attempt starts, and
         # only for children run by the server's own threads (an executor gets one submission
         # per attempt).
-        self.standby: deque[_Attempt] = deque()
+        self.standby: deque[Attempt] = deque()
         self.handover = isinstance(self.pool, ThreadPool) and spec.isolation == "thread"
 
 
-class _Attempt:
+class Attempt:
     """One attempt, identified by ``uid``; also the worker thread's context while it runs."""
 
     __slots__ = (
@@ -174,7 +174,7 @@ class _Attempt:
     def __init__(
         self,
         uid: int,
-        stage: _Stage,
+        stage: Stage,
         coord: Coordinator,
         child_json: str | None,
         ref: int | None,
@@ -288,15 +288,15 @@ class Coordinator:
         self._start_error: BaseException | None = None
         # Abandoned attempts, republished as a new tuple on change so that any thread can read
         # it without a lock; an entry's thread is alive until the worker sets ``returned``.
-        self._abandoned: tuple[_Attempt, ...] = ()
+        self._abandoned: tuple[Attempt, ...] = ()
         self._uids = itertools.count(1)
-        self.attempts: dict[int, _Attempt] = {}  # current attempts: their outcome counts
-        self.cancelled: dict[int, _Attempt] = {}  # cancelled, thread not returned yet
+        self.attempts: dict[int, Attempt] = {}  # current attempts: their outcome counts
+        self.cancelled: dict[int, Attempt] = {}  # cancelled, thread not returned yet
         # Retry delays and abandon graces: (when, tie-breaker, "retry", (stage, retry item)) or
         # (when, tie-breaker, "grace", attempt uid).
         self._heap: list[tuple[float, int, str, Any]] = []
         self._hseq = itertools.count()
-        self.run: _Run | None = None
+        self.run: Run | None = None
         self.now = 0.0
         self._ts: str | None = None
         self._stop_at: float | None = None
@@ -304,7 +304,7 @@ class Coordinator:
         # Work of the current turn, done in _flush after the commit.
         self._rows: list[tuple[Any, ...]] = []
         self._sigs: list[tuple[NamedSignal, dict[str, Any]]] = []
-        self._submit: list[_Attempt] = []
+        self._submit: list[Attempt] = []
         self._replies: list[Reply] = []
         # Results decided this turn, delivered once their final event is committed.
         self._after: list[tuple[RunHandle, RunResult]] = []
@@ -334,7 +334,7 @@ class Coordinator:
         """Abandoned attempts whose thread is still running user code (any thread may ask)."""
         return sum(1 for att in self._abandoned if not att.returned)
 
-    def _abandon(self, att: _Attempt) -> None:
+    def _abandon(self, att: Attempt) -> None:
         att.abandoned = True
         self._abandoned = (*self._abandoned, att)
         log.warning(
@@ -363,7 +363,7 @@ class Coordinator:
         if self.core.request_stop():
             self.post(Stop(grace))
         ctx = current_context()
-        inside = isinstance(ctx, _Attempt) and ctx.coord is self
+        inside = isinstance(ctx, Attempt) and ctx.coord is self
         if threading.current_thread() is self.thread or inside:
             return
         self.thread.join(timeout)
@@ -672,14 +672,14 @@ class Coordinator:
     def _signal(
         self,
         sig: NamedSignal,
-        run: _Run,
+        run: Run,
         task: Any,
         attempt: int | None,
         **error: BaseException | None,
     ) -> None:
         # Nobody listening: nothing is built (no per-child cost).
         if sig.receivers and sig.has_receivers_for(self.sender):
-            if isinstance(task, _Attempt):
+            if isinstance(task, Attempt):
                 task = task.task()
             self._sigs.append(
                 (
@@ -720,7 +720,7 @@ class Coordinator:
             return
         reachable = d.reachable(entrance)
         waiting = {n: set(d.predecessors[n] & reachable) for n in reachable}
-        run = _Run(handle, state, waiting)
+        run = Run(handle, state, waiting)
         self.run = run
         self.core.running = run.run_id
         ts = self._stamp()
@@ -784,7 +784,7 @@ class Coordinator:
         tasks = history.tasks
         finished = {n for n in reachable if n in tasks and tasks[n].all_over}
         waiting = {n: set(d.predecessors[n] & reachable) - finished for n in reachable}
-        run = _Run(handle, state, waiting)
+        run = Run(handle, state, waiting)
         run.failed = list(history.failed)
         self.run = run
         released = [r for t in tasks.values() for r in t.released]
@@ -807,7 +807,7 @@ class Coordinator:
             past = tasks.get(name)
             if past is not None and past.parent_over:
                 # Its parent succeeded: run the children that have not finished.
-                stage = _Stage(name, d.tasks[name], run, self._pools[name])
+                stage = Stage(name, d.tasks[name], run, self._pools[name])
                 stage.parent_done = True
                 stage.replayed = True
                 stage.ranges.extend([lo, hi] for lo, hi in past.released)
@@ -819,18 +819,18 @@ class Coordinator:
         if run.open == 0:  # every stage had finished: only the final event was missing
             self._end_run(run, "all_over", None, None)
 
-    def _start_stage(self, run: _Run, name: str) -> None:
-        stage = _Stage(name, self.definition.tasks[name], run, self._pools[name])
+    def _start_stage(self, run: Run, name: str) -> None:
+        stage = Stage(name, self.definition.tasks[name], run, self._pools[name])
         run.stages[name] = stage
         run.open += 1
         self._start_attempt(stage, None, None, None, 1)
 
     def _start_attempt(
-        self, stage: _Stage, child: str | None, ref: int | None, data: str | None, number: int
+        self, stage: Stage, child: str | None, ref: int | None, data: str | None, number: int
     ) -> None:
-        self._launch(_Attempt(next(self._uids), stage, self, child, ref, data, number))
+        self._launch(Attempt(next(self._uids), stage, self, child, ref, data, number))
 
-    def _launch(self, att: _Attempt) -> None:
+    def _launch(self, att: Attempt) -> None:
         """Make ``att`` current, record its start, and hand it to a worker after the flush."""
         stage, child, number = att.stage, att.child_json, att.number
         self.attempts[att.uid] = att
@@ -843,7 +843,7 @@ class Coordinator:
         self._signal(signals.task_start, stage.run, att, number)
         self._submit.append(att)
 
-    def _detach(self, att: _Attempt) -> None:
+    def _detach(self, att: Attempt) -> None:
         """Remove a current attempt from its stage and from the current set."""
         del self.attempts[att.uid]
         if att.child_json is None:
@@ -856,7 +856,7 @@ class Coordinator:
         uid: int,
         error: BaseException | None,
         data: str | None,
-        nxt: _Attempt | None = None,
+        nxt: Attempt | None = None,
         started: float = 0.0,
     ) -> None:
         att = self.attempts.get(uid)
@@ -892,7 +892,7 @@ class Coordinator:
             stage.done += 1
         self._maybe_stage_over(stage)
 
-    def _released(self, att: _Attempt) -> None:
+    def _released(self, att: Attempt) -> None:
         """Record which children a successful attempt made live: what a replay will run."""
         self._event(
             att.run.run_id,
@@ -904,7 +904,7 @@ class Coordinator:
             json.dumps({"ranges": att.held}, separators=(",", ":")),
         )
 
-    def _handed_over(self, att: _Attempt, started: float) -> None:
+    def _handed_over(self, att: Attempt, started: float) -> None:
         """A worker started ``att`` from its stage's standby, in the slot of the attempt it
         just finished: from now on it is a current attempt like any other."""
         run, stage = att.run, att.stage
@@ -921,7 +921,7 @@ class Coordinator:
             att.deadline = started + timeout
         self._event(run.run_id, "task_started", stage.name, att.child_json, att.number, att.ref)
 
-    def _drain_standby(self, run: _Run) -> None:
+    def _drain_standby(self, run: Run) -> None:
         for stage in run.stages.values():
             standby = stage.standby
             while standby:
@@ -995,7 +995,7 @@ class Coordinator:
                 return
         self._on_done(uid, None, data)
 
-    def _insert_children(self, att: _Attempt, ids: list[str], datas: list[str]) -> None:
+    def _insert_children(self, att: Attempt, ids: list[str], datas: list[str]) -> None:
         """Write ``child_added`` events held by ``att``.
 
         :raises DuplicateChildError: (nothing is written) for an id already added.
@@ -1014,7 +1014,7 @@ class Coordinator:
         first = self.writer.add_children(run.run_id, stage.name, rows, ids)
         att.held.append([first, first + len(rows) - 1])
 
-    def _discard(self, att: _Attempt) -> None:
+    def _discard(self, att: Attempt) -> None:
         """Drop the children of a failed attempt; a retry may add the same ids again."""
         held, att.held = att.held, []
         self.writer.discard_children([(lo, hi) for lo, hi in held])
@@ -1029,7 +1029,7 @@ class Coordinator:
             json.dumps({"count": count}),
         )
 
-    def _retries(self, att: _Attempt, error: BaseException) -> bool:
+    def _retries(self, att: Attempt, error: BaseException) -> bool:
         if att.number >= att.stage.spec.attempts or isinstance(error, NoRetry):
             return False
         try:
@@ -1038,7 +1038,7 @@ class Coordinator:
             log.exception("threadflow: retry_on of task %r raised; not retrying", att.stage.name)
             return False
 
-    def _delay(self, att: _Attempt) -> float:
+    def _delay(self, att: Attempt) -> float:
         try:
             delay = float(att.stage.spec.retry_delay(att.number))
         except BaseException:  # the user's function: it never ends the engine
@@ -1057,7 +1057,7 @@ class Coordinator:
             return 0.0
         return delay
 
-    def _failed(self, att: _Attempt, kind: str, error: BaseException, data: str | None) -> None:
+    def _failed(self, att: Attempt, kind: str, error: BaseException, data: str | None) -> None:
         """An attempt ended by ``exit`` or ``timeout``: retry it, tolerate it, or fail the run."""
         run, stage = att.run, att.stage
         self._event(run.run_id, kind, stage.name, att.child_json, att.number, att.ref, data)
@@ -1107,7 +1107,7 @@ class Coordinator:
         stage.failed += 1
         self._maybe_stage_over(stage)
 
-    def _maybe_stage_over(self, stage: _Stage) -> None:
+    def _maybe_stage_over(self, stage: Stage) -> None:
         if (
             stage.over
             or not stage.parent_done
@@ -1138,7 +1138,7 @@ class Coordinator:
             self._end_run(run, "all_over", None, None)
 
     def _end_run(
-        self, run: _Run, outcome: str, task: tuple[Any, ...] | None, error: BaseException | None
+        self, run: Run, outcome: str, task: tuple[Any, ...] | None, error: BaseException | None
     ) -> None:
         run.over = True  # set first: a worker never takes a standby attempt of an over run
         self._drain_standby(run)
@@ -1159,7 +1159,7 @@ class Coordinator:
         self._after.append((run.handle, result))
         self.run = None
 
-    def _cancel(self, att: _Attempt, reason: str) -> None:
+    def _cancel(self, att: Attempt, reason: str) -> None:
         att.token.cancel(reason)
         self.cancelled[att.uid] = att
         heapq.heappush(self._heap, (self.now + self.grace, next(self._hseq), "grace", att.uid))
@@ -1235,7 +1235,7 @@ class Coordinator:
                 else:
                     stage.retry_ready.append((child, ref, data, number))
 
-    def _timeout(self, att: _Attempt) -> None:
+    def _timeout(self, att: Attempt) -> None:
         self._detach(att)
         self._cancel(att, "timeout")
         timeout = att.stage.spec.task_timeout
@@ -1283,9 +1283,9 @@ class Coordinator:
                 depth = min(4 * stage.cap, WINDOW)  # enough for the workers until the next turn
                 while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()
-                    standby.append(_Attempt(next(self._uids), stage, self, child, seq, data, 1))
+                    standby.append(Attempt(next(self._uids), stage, self, child, seq, data, 1))
 
-    def _refill(self, stage: _Stage) -> bool:
+    def _refill(self, stage: Stage) -> bool:
         ranges = stage.ranges
         while ranges:
             span = ranges[0]

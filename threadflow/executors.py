@@ -32,7 +32,7 @@ import pickle
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
@@ -41,6 +41,9 @@ from .errors import CancelledError, DuplicateChildError, ThreadflowError
 from .events import decode_id, error_json
 from .isolation import ThreadPool
 from .messages import Carried, Done, Reply
+
+if TYPE_CHECKING:
+    from .coordinator import Attempt
 
 log = logging.getLogger("threadflow")
 
@@ -183,7 +186,7 @@ class RemotePool:
         # an attempt of another server, with the result it holds for an equal job.
         self._nonce = uuid.uuid4().hex
 
-    def submit(self, fn: Callable[[Any], None], att: Any) -> None:
+    def submit(self, fn: Callable[[Any], None], att: Attempt) -> None:
         """Send ``att`` to the executor; the future's done callback posts its outcome.
 
         ``fn`` (``run_attempt``, which runs an attempt in this
@@ -244,7 +247,7 @@ class RemotePool:
             pass
         return ref
 
-    def _done(self, att: Any, future: Any, pending: list[Any]) -> None:
+    def _done(self, att: Attempt, future: Any, pending: list[Any]) -> None:
         """The future is done: post the outcome. Runs in the executor's thread; never raises."""
         pending.clear()
         att.returned = True
@@ -268,10 +271,10 @@ class RemotePool:
             self._post_error(att, exc)
 
     @staticmethod
-    def _post_error(att: Any, error: BaseException) -> None:
+    def _post_error(att: Attempt, error: BaseException) -> None:
         att.coord.post(Done(att.uid, error, error_json(error)))
 
-    def _error(self, att: Any, exc: BaseException) -> BaseException:
+    def _error(self, att: Attempt, exc: BaseException) -> BaseException:
         """The error to record when the executor, not the task, failed the attempt."""
         if isinstance(exc, cf.CancelledError):
             return CancelledError(att.token.reason or "cancelled")

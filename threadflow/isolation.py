@@ -13,34 +13,38 @@ import json
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._clock import monotonic
 from .cancel import enter_attempt
 from .events import decode_id, encode_result, error_json
 from .messages import Done
 
+if TYPE_CHECKING:
+    from .coordinator import Attempt
 
-def run_attempt(att: Any) -> None:
+
+def run_attempt(first: Attempt) -> None:
     """Run an attempt in this thread and post its outcome to the coordinator.
 
-    The message is a ``Done``. If the attempt
-    succeeded and its stage has a standby child, this worker takes it at once and runs it in
-    the finished attempt's slot (``next``, started at ``started``), so that a stream of children
+    The message is a ``Done``. If the attempt succeeded and its stage has a standby child,
+    this worker takes it at once and runs it in the finished attempt's slot (``next``, started
+    at ``started``), so that a stream of children
     does not wait for a coordinator turn between two of them. The attempt is this thread's
     context while it runs, so that ``current_token()`` and ``add_children_tasks()`` find it.
     A subprocess attempt is handed to a worker process (``threadflow.processes``); this
     thread drives it and posts its outcome the same way (it hands nothing over).
     """
-    if att.stage.spec.isolation == "subprocess":
-        att.worker = threading.current_thread().name
+    if first.stage.spec.isolation == "subprocess":
+        first.worker = threading.current_thread().name
         try:
-            att.coord.procs.run(att)
+            first.coord.procs.run(first)
         finally:
-            att.returned = True
+            first.returned = True
         return
-    post = att.coord.post
+    post = first.coord.post
     worker = threading.current_thread().name
+    att: Attempt | None = first
     while att is not None:
         att.worker = worker
         enter_attempt(att)
@@ -49,7 +53,7 @@ def run_attempt(att: Any) -> None:
             if att.child_json is None:
                 value = spec.task_func(att.run.view)
             else:
-                child = (decode_id(att.child_json), json.loads(att.data)["payload"])
+                child = (decode_id(att.child_json), json.loads(att.data or "{}").get("payload"))
                 value = spec.child_task_func(child, att.run.view)
             data = encode_result(value)
             error = None

@@ -43,7 +43,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_error, run_job
@@ -52,6 +52,9 @@ from .children import wait_reply
 from .errors import CancelledError, ProcessDiedError, signal_name
 from .events import error_data
 from .messages import Done, Reply
+
+if TYPE_CHECKING:
+    from .coordinator import Attempt, Coordinator
 
 log = logging.getLogger("threadflow")
 
@@ -77,7 +80,7 @@ class ProcessPool:
     kills every process, busy or idle, and reaps them.
     """
 
-    def __init__(self, coord: Any) -> None:
+    def __init__(self, coord: Coordinator) -> None:
         self._coord = coord
         self.grace = max(0.0, min(coord.settings.kill_grace, coord.grace / 2))
         specs = [s for s in coord.definition.tasks.values() if s.isolation == "subprocess"]
@@ -100,7 +103,7 @@ class ProcessPool:
 
     # -- one attempt (a worker thread) -------------------------------------------------------
 
-    def run(self, att: Any) -> None:
+    def run(self, att: Attempt) -> None:
         """Run ``att`` in a worker process; post its ``Done`` after.
 
         Never raises: every failure becomes the attempt's outcome, as in a thread attempt.
@@ -127,7 +130,7 @@ class ProcessPool:
             blob = self._blobs[func] = pickle.dumps(func, _PICKLE)
         return blob
 
-    def _job(self, att: Any) -> bytes:
+    def _job(self, att: Attempt) -> bytes:
         stage, run = att.stage, att.run
         spec = stage.spec
         blob = self._blob(spec.task_func if att.child_json is None else spec.child_task_func)
@@ -329,7 +332,7 @@ class _Process:
         return _WOKEN
 
     def attempt(
-        self, att: Any, job: bytes, grace: float, on_sent: Callable[[], None]
+        self, att: Attempt, job: bytes, grace: float, on_sent: Callable[[], None]
     ) -> tuple[Any, str | None, bool]:
         """Run one attempt; return ``(error, data, reusable)`` for the coordinator's outcome.
 
@@ -367,7 +370,7 @@ class _Process:
                 log.error("threadflow: unknown message %r from process %d", tag, self.pid)
                 return self._ended(att, None)
 
-    def _relay(self, att: Any, ids: list[str], datas: list[str], final: bool) -> None:
+    def _relay(self, att: Attempt, ids: list[str], datas: list[str], final: bool) -> None:
         """Pass a chunk of children to the coordinator and the answer back to the process.
 
         With the process's own ``final`` flag: only its last chunk waits for a commit, as in a
@@ -380,7 +383,9 @@ class _Process:
         else:
             self.send(("added", None))
 
-    def _outcome(self, att: Any, msg: tuple[Any, ...], token: CancelToken) -> tuple[Any, Any, bool]:
+    def _outcome(
+        self, att: Attempt, msg: tuple[Any, ...], token: CancelToken
+    ) -> tuple[Any, Any, bool]:
         error: BaseException | None = None
         if msg[0] == "over":
             data = msg[1]
@@ -394,7 +399,7 @@ class _Process:
         self.terminate(token.reason or "cancelled")
         return error, _with_process(data, self._facts()), False
 
-    def _ended(self, att: Any, killed: str | None) -> tuple[Any, str, bool]:
+    def _ended(self, att: Attempt, killed: str | None) -> tuple[Any, str, bool]:
         """The process died (``killed`` None) or is killed now: kill its group, reap it."""
         self.terminate(killed)
         facts = self._facts()
