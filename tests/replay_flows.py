@@ -293,7 +293,8 @@ class CrashFlow(Flow, server_name="crash-flow"):
 
 
 def add_squares(state: Any) -> None:
-    add_children_tasks(((i, i) for i in range(5)), state)
+    # A run's input ``count`` (default 5) says how many.
+    add_children_tasks(((i, i) for i in range(state.get("count", 5))), state)
 
 
 def square(child: Any, state: Any) -> int:

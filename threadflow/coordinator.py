@@ -30,7 +30,7 @@ from blinker import NamedSignal
 from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken, current_context
-from .definition import FlowDefinition, TaskSpec
+from .definition import RESERVED, FlowDefinition, TaskSpec
 from .errors import (
     CancelledError,
     DuplicateChildError,
@@ -318,6 +318,7 @@ class Coordinator:
         self._next_beat = 0.0  # when to renew the run's (and global name's) lease
         self._next_poll = 0.0  # when to look for runs other processes asked of a global name
         self._commit_now = False
+        self._requests_broken = False  # warned once that the requests table cannot be read
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -501,10 +502,26 @@ class Coordinator:
             self._next_beat = now + HEARTBEAT
         if self._global is not None and now >= self._next_poll and self._stop_at is None:
             self._next_poll = now + POLL
-            for request_id, entrance, run_id in self.writer.pending_requests(self._global):
-                self._on_request(request_id, entrance, run_id)
+            try:
+                pending = self.writer.pending_requests(self._global)
+            except sqlite3.Error:  # the table was dropped or mangled by someone who may write
+                if not self._requests_broken:
+                    log.warning(
+                        "threadflow: cannot read the requests of %r in %r; runs asked by "
+                        "other processes are not served until the table is readable",
+                        self.core.name,
+                        self.path,
+                        exc_info=True,
+                    )
+                self._requests_broken = True
+                return
+            self._requests_broken = False
+            for request_id, entrance, run_id, inputs in pending:
+                self._on_request(request_id, entrance, run_id, inputs)
 
-    def _on_request(self, request_id: int, entrance: object, run_id: object) -> None:
+    def _on_request(
+        self, request_id: int, entrance: object, run_id: object, inputs: object = None
+    ) -> None:
         """Start the run another process asked for, or refuse it with a reason.
 
         The row comes from a table anyone who can write the store may fill: it is checked
@@ -512,9 +529,12 @@ class Coordinator:
         refusing the run's writes) is refused and logged, never fatal to this coordinator.
         """
         try:
-            run_id, entrance = check_request(self.definition, entrance, run_id)
+            run_id, entrance, checked = check_request(self.definition, entrance, run_id, inputs)
             if self.writer.run_exists(run_id):
                 raise ValueError(f"the run id {run_id!r} is already used by a run in this store")
+            clash = sorted((RESERVED | set(self.extra)) & set(checked))
+            if clash:
+                raise ValueError(f"the inputs {clash} name entries the server sets in the state")
         except ValueError as bad:
             self._refuse_request(request_id, str(bad))
             return
@@ -530,7 +550,7 @@ class Coordinator:
         marks = len(self._rows), len(self._sigs), len(self._submit)
         try:
             with self.writer.undo_on_error("request"):
-                self._on_start(handle, entrance)
+                self._on_start(handle, entrance, checked)
                 if not self.writer.answer_request(request_id, "started", None):
                     # Its asker gave up waiting (expired) meanwhile: nobody would wait for it.
                     raise ThreadflowError("the request expired before it could start")
@@ -644,7 +664,7 @@ class Coordinator:
         elif isinstance(msg, Carried):
             self._on_carried(msg.uid, msg.data, msg.ids, msg.datas)
         elif isinstance(msg, StartRun):
-            self._on_start(msg.handle, msg.entrance)
+            self._on_start(msg.handle, msg.entrance, msg.inputs)
         elif isinstance(msg, ReplayRun):
             self._on_replay(msg.handle, msg.history, msg.reply)
         elif isinstance(msg, Stop):
@@ -694,8 +714,11 @@ class Coordinator:
                 )
             )
 
-    def _new_state(self, handle: RunHandle, replayed: int) -> dict[str, Any]:
+    def _new_state(
+        self, handle: RunHandle, replayed: int, inputs: dict[str, Any]
+    ) -> dict[str, Any]:
         state = dict(self.extra)
+        state.update(inputs)
         state.update(
             start_time=handle.start_time,
             run_id=handle.run_id,
@@ -713,9 +736,9 @@ class Coordinator:
         self._after.append((handle, result))
         return True
 
-    def _on_start(self, handle: RunHandle, entrance: str) -> None:
+    def _on_start(self, handle: RunHandle, entrance: str, inputs: dict[str, Any]) -> None:
         d = self.definition
-        state = self._new_state(handle, 0)
+        state = self._new_state(handle, 0, inputs)
         if self._refuse_if_stopping(handle, state):
             return
         reachable = d.reachable(entrance)
@@ -743,8 +766,10 @@ class Coordinator:
             data=json.dumps(
                 {
                     "flow": d.name,
+                    "import": d.import_path,
                     "server": str(self.core.name),
                     "entrance": entrance,
+                    "inputs": inputs,
                     "pid": os.getpid(),
                     "host": self._host,
                     "definition": definition,
@@ -761,7 +786,7 @@ class Coordinator:
         here, in this turn's transaction, so that two replays of one run cannot both win.
         """
         d = self.definition
-        state = self._new_state(handle, history.segments)
+        state = self._new_state(handle, history.segments, history.inputs)
         if self._refuse_if_stopping(handle, state):
             reply.set()
             return

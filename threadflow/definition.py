@@ -30,6 +30,10 @@ ALL_OVER = "all_over"
 _ISOLATIONS = ("thread", "subprocess")
 
 
+#: State entries threadflow sets in every run (start_link entries and inputs take other names).
+RESERVED = frozenset({"start_time", "run_id", "store", "task_flow", "replayed"})
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "<missing>"
@@ -147,6 +151,9 @@ class FlowDefinition:
     tasks: Mapping[str, TaskSpec]
     default_entrance: str
     predecessors: Mapping[str, frozenset[str]]
+    #: ``module:Class`` by which a fresh interpreter imports the flow (what ``threadflow replay``
+    #: uses when no ``--flow`` is given), or None for a class it cannot import by name.
+    import_path: str | None = None
 
     def reachable(self, entrance: str) -> frozenset[str]:
         """The tasks a run started at ``entrance`` can reach."""
@@ -389,11 +396,14 @@ def check_flow(cls: type) -> FlowDefinition | None:
             f"flow {flow!r}: default_entrance={entrance!r} is not a task"
             f"{_suggest(entrance, tasks)}; tasks are {sorted(tasks)}"
         )
+    module = getattr(cls, "__module__", "") or ""
+    importable = module not in ("", "__main__") and "<" not in cls.__qualname__
     return FlowDefinition(
         flow,
         MappingProxyType(tasks),
         entrance,
         MappingProxyType({n: frozenset(p) for n, p in preds.items()}),
+        f"{module}:{cls.__qualname__}" if importable else None,
     )
 
 

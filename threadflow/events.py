@@ -40,7 +40,8 @@ from .errors import EncodeError
 
 # -- kinds -----------------------------------------------------------------------------------
 
-FLOW_STARTED = "flow_started"  #: a run starts: flow, entrance, server, pid, host, definition
+#: a run starts: flow, import, entrance, inputs, server, pid, host, definition
+FLOW_STARTED = "flow_started"
 TASK_STARTED = "task_started"  #: an attempt starts
 CHILD_ADDED = "child_added"  #: a child is added (attempt = the adder's): payload, by
 TASK_OVER = "task_over"  #: an attempt returned: result
@@ -363,6 +364,10 @@ class RunHistory:
     server: str | None = None
     entrance: str | None = None
     definition: dict[str, list[str]] | None = None
+    #: The run's inputs (``start_flow(**inputs)``), as recorded: a replay gets them back.
+    inputs: dict[str, Any] = field(default_factory=dict)
+    #: ``module:Class`` of the flow that started it, when importable: what replays it.
+    flow_import: str | None = None
     started: str | None = None  #: ts of its flow_started
     ended: str | None = None  #: ts of the final event of its last segment; None while open
     outcome: str | None = None
@@ -404,6 +409,10 @@ class RunHistory:
                 self.server = data.get("server")
                 self.entrance = data.get("entrance")
                 self.definition = data.get("definition")
+                inputs = data.get("inputs")
+                self.inputs = inputs if isinstance(inputs, dict) else {}
+                flow_import = data.get("import")
+                self.flow_import = flow_import if isinstance(flow_import, str) else None
                 self.started = ev.ts
             self.outcome = self.ended = self.task = self.error = None
             self.spans.append(Span(ev.seq, ev.ts, ev.ts))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import functools
+import json
+import logging
 import os
 import threading
 import types
@@ -19,14 +21,53 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import server, signals
 from ._clock import utcnow
-from .definition import FlowDefinition, check_flow, check_same_flow
-from .errors import FlowDefinitionError, ThreadflowError
+from .definition import RESERVED, FlowDefinition, check_flow, check_same_flow
+from .errors import EncodeError, FlowDefinitionError, ThreadflowError
+from .events import dumps
 from .messages import ReplayRun, Reply, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
 from .store import EventStore
 
+log = logging.getLogger("threadflow")
+
 _F = TypeVar("_F", bound="Flow")
+
+
+def _checked_inputs(
+    server: str, extra: Mapping[str, Any], inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's inputs as a replay will see them: encoded now (so that a value JSON cannot
+    hold fails here, in the caller), and decoded back.
+
+    :raises TypeError: for a name threadflow or ``start_link`` already puts in the state.
+    :raises EncodeError: for a value that cannot be stored.
+    """
+    clash = sorted(RESERVED & set(inputs))
+    if clash:
+        raise TypeError(
+            f"start_flow(): {clash} are set by threadflow in every run's state; give your "
+            "inputs other names"
+        )
+    clash = sorted(set(extra) & set(inputs))
+    if clash:
+        raise TypeError(
+            f"start_flow(): {clash} are already start_link() entries of server {server!r}; "
+            "give the run's inputs other names"
+        )
+    if not inputs:
+        return {}
+    try:
+        text = dumps(inputs)
+    except EncodeError as exc:
+        raise EncodeError(
+            f"start_flow(): the inputs cannot be stored in the run's log: {exc}; inputs are "
+            "recorded so that a replay gets them back, so pass plain data (objects shared "
+            "with the tasks go to start_link(**extra_state))"
+        ) from None
+    decoded: dict[str, Any] = json.loads(text)
+    return decoded
+
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -171,7 +212,7 @@ class Flow:
             raise FlowDefinitionError(
                 f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
             )
-        reserved = {"start_time", "run_id", "store", "task_flow", "replayed"} & set(extra_state)
+        reserved = RESERVED & set(extra_state)
         if reserved:
             raise TypeError(
                 f"start_link(): {sorted(reserved)} are set by threadflow in every run's state; "
@@ -218,23 +259,29 @@ class Flow:
         ]
 
     @_ServerOrClass
-    def start_flow(self, entrance: str | None = None) -> RunHandle:
+    def start_flow(self, entrance: str | None = None, **inputs: Any) -> RunHandle:
         """Start a run of this server's flow at ``entrance`` (default: ``default_entrance``).
 
-        On the class, ``Example.start_flow(name_or_server, entrance=None, store=None)`` starts
-        a run on the server of that name (a global name may be served by another process
-        sharing ``store``).
+        ``inputs`` are this run's own values (a folder to import, a date): they are put into
+        its state, recorded in its log (as JSON) and given back to a replay, so one server can
+        run the same flow on different inputs. On the class, ``Example.start_flow(
+        name_or_server, entrance=None, store=None, **inputs)`` starts a run on the server of
+        that name (a global name may be served by another process sharing ``store``).
 
         :returns: a ``RunHandle``: ``.run_id``, ``.done()``, ``.result(timeout)``.
         :raises FlowRunning: if a run is in progress (no callback fires).
         :raises FlowDefinitionError: for an unknown entrance.
+        :raises TypeError: for an input named like a state entry threadflow or ``start_link``
+            sets.
+        :raises EncodeError: for an input that cannot be stored as JSON.
         :raises ThreadflowError: if the server is stopped.
         """
         definition = self._coord.definition
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
+        recorded = _checked_inputs(str(self._core.name), self._coord.extra, inputs)
         handle = self._core.take_slot(uuid.uuid4().hex[:12], utcnow())
-        self._coord.post(StartRun(handle, entrance))
+        self._coord.post(StartRun(handle, entrance, recorded))
         return handle
 
     @start_flow.on_class
@@ -243,6 +290,7 @@ class Flow:
         name_or_server: Any,
         entrance: str | None = None,
         store: str | os.PathLike[str] | None = None,
+        **inputs: Any,
     ) -> RunHandle:
         """Start a run on the server ``name_or_server`` (a server, or the name it runs under).
 
@@ -250,6 +298,7 @@ class Flow:
             ``("global", name)``, which may be served by another process sharing ``store``.
         :param entrance: the task to start at (default: the flow's ``default_entrance``).
         :param store: for a global name served elsewhere: the store file they share.
+        :param inputs: the run's inputs (see the server form).
         :returns: a ``RunHandle``.
         :raises ThreadflowError: if no server of that name runs.
         :raises FlowRunning: if it runs a run already.
@@ -265,13 +314,14 @@ class Flow:
                     if cls.definition is not None and entrance is not None:
                         cls.definition.check_entrance(entrance)
                     path = os.fspath(store) if store is not None else default_path()
-                    return request_start(path, name_or_server[1], entrance)
+                    recorded = _checked_inputs(str(name_or_server), {}, inputs)
+                    return request_start(path, name_or_server[1], entrance, recorded)
                 raise ThreadflowError(
                     f"no server named {name_or_server!r} is running; start it with "
                     f"{cls.__name__}.start_link()"
                 )
             target = core.flow
-        handle: RunHandle = target.start_flow(entrance)
+        handle: RunHandle = target.start_flow(entrance, **inputs)
         return handle
 
     @_ServerOrClass
@@ -365,14 +415,37 @@ class Flow:
         return_to: Any = None,
         executor: Any = None,
         executors: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Any] | None = None,
         **extra_state: Any,
     ) -> RunResult:
         """``start_link`` + ``start_flow`` + wait for the result + ``stop``, in one call.
 
-        :returns: the run's ``RunResult``.
+        :param inputs: the run's inputs, as ``start_flow(**inputs)`` takes them: recorded in
+            the log and given back to a replay. (The other keyword arguments are
+            ``start_link``'s: entries of every run's state, objects included, not recorded.)
+        :returns: the run's ``RunResult``. Ctrl-C (``KeyboardInterrupt``) stops the server
+            first, so that the run is recorded interrupted and can be replayed; the warning
+            logged then says how.
         """
         with cls.start_link(store, return_to, executor, executors, **extra_state) as srv:
-            result: RunResult = srv.start_flow(entrance=entrance).result()
+            handle = srv.start_flow(entrance, **dict(inputs or {}))
+            try:
+                result: RunResult = handle.result()
+            except KeyboardInterrupt:
+                log.warning(
+                    "threadflow: interrupted; stopping server %r (up to %g s for running "
+                    "attempts). Run %s is recorded interrupted: continue it with %s.replay(%r, "
+                    "store=%r) or threadflow replay %s --db %s",
+                    srv.name,
+                    srv.stop_grace,
+                    handle.run_id,
+                    cls.__name__,
+                    handle.run_id,
+                    srv.store.path,
+                    handle.run_id,
+                    srv.store.path,
+                )
+                raise
         return result
 
     def __enter__(self: _F) -> _F:

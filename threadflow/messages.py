@@ -75,10 +75,12 @@ class Carried:
 
 @dataclass(slots=True)
 class StartRun:
-    """Start a run whose slot ``handle`` holds, at ``entrance``."""
+    """Start a run whose slot ``handle`` holds, at ``entrance``, with ``inputs`` (plain data,
+    already checked to encode)."""
 
     handle: RunHandle
     entrance: str
+    inputs: dict[str, Any]
 
 
 @dataclass(slots=True)

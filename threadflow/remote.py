@@ -38,27 +38,39 @@ _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 40
 
 
-def check_request(definition: Any, entrance: object, run_id: object) -> tuple[str, str]:
-    """``(run_id, entrance)`` of a request read from the store, once checked; a null entrance
-    is the flow's default one.
+def check_request(
+    definition: Any, entrance: object, run_id: object, inputs: object = None
+) -> tuple[str, str, dict[str, Any]]:
+    """``(run_id, entrance, inputs)`` of a request read from the store, once checked; a null
+    entrance is the flow's default one, null inputs are none.
 
-    :raises ValueError: saying what is wrong, if ``run_id`` does not match :data:`RUN_ID` or
-        ``entrance`` is neither null (the flow's default entrance) nor the name of a task.
-        Forged values appear in the message as a shortened repr, so that printing it is safe.
+    :raises ValueError: saying what is wrong, if ``run_id`` does not match :data:`RUN_ID`,
+        ``entrance`` is neither null (the flow's default entrance) nor the name of a task, or
+        ``inputs`` is not the JSON text of an object. Forged values appear in the message as a
+        shortened repr, so that printing it is safe.
     """
+    checked: dict[str, Any] = {}
+    if inputs is not None:
+        try:
+            value = json.loads(inputs) if isinstance(inputs, str) else None
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError(f"the inputs must be a JSON object, not {_short.repr(inputs)}")
+        checked = value
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise ValueError(
             "the run id must be text of 1 to 64 ASCII letters, digits, '_' or '-', not "
             + _short.repr(run_id)
         )
     if entrance is None:
-        return run_id, definition.default_entrance
+        return run_id, definition.default_entrance, checked
     if not isinstance(entrance, str):
         what = _short.repr(entrance)
         raise ValueError(f"the entrance must be a task name (text) or null, not {what}")
     if entrance not in definition.tasks:
         raise ValueError(f"flow {definition.name!r} has no task {_short.repr(entrance)}")
-    return run_id, entrance
+    return run_id, entrance, checked
 
 
 def _wait(seconds: float) -> None:
@@ -107,7 +119,9 @@ class RemoteRunHandle(RunHandle):
         )
 
 
-def request_start(path: str, name: str, entrance: str | None) -> RemoteRunHandle:
+def request_start(
+    path: str, name: str, entrance: str | None, inputs: dict[str, Any] | None = None
+) -> RemoteRunHandle:
     """Ask the owner of the global server ``name`` in ``path`` to start a run.
 
     :raises ThreadflowError: if no live process owns ``name`` there, or it does not answer.
@@ -125,11 +139,14 @@ def request_start(path: str, name: str, entrance: str | None) -> RemoteRunHandle
             )
         run_id = uuid.uuid4().hex[:12]
         conn.execute("BEGIN IMMEDIATE")
-        cur = conn.execute(
-            "INSERT INTO requests (server, entrance, run_id, status, created) "
-            "VALUES (?, ?, ?, 'pending', ?)",
-            (name, entrance, run_id, wall()),
-        )
+        # The inputs column only when there are inputs: a run without them can be asked of any
+        # store, one made by an older threadflow included.
+        columns, values = "server, entrance, run_id, status, created", "?, ?, ?, 'pending', ?"
+        params: tuple[Any, ...] = (name, entrance, run_id, wall())
+        if inputs:
+            columns, values = columns + ", inputs", values + ", ?"
+            params += (json.dumps(inputs),)
+        cur = conn.execute(f"INSERT INTO requests ({columns}) VALUES ({values})", params)
         request_id = cur.lastrowid
         conn.execute("COMMIT")
         deadline = monotonic() + ANSWER_TIMEOUT

@@ -7,6 +7,11 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
 * ``runs``: one row per run, for listing runs without scanning the log.
 * ``children``: one row per live child key, which makes a repeated child id an error; rows of
   discarded children are deleted so that a retry can add the same ids again.
+* ``servers`` and ``requests``: global server names and the runs other processes ask of them.
+* ``cancels``: runs another process asked to cancel; their owner polls it (version 2).
+
+A store of an older version is brought up to date by the first writer that opens it; readers
+read every version up to :data:`SCHEMA_VERSION`.
 
 Only JSON is stored: opening a store never unpickles anything.
 """
@@ -49,7 +54,9 @@ from .events import (
 
 log = logging.getLogger("threadflow")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The oldest schema this threadflow reads (a writer upgrades it).
+OLDEST_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
 #: Permissions of a store file that threadflow creates. The log holds payloads, results and
@@ -247,7 +254,7 @@ def check_readable(path: str) -> None:
             f"(this one reads up to {SCHEMA_VERSION})",
             "upgrade threadflow",
         )
-    if version != SCHEMA_VERSION or not {"events", "runs"} <= tables:
+    if version < OLDEST_VERSION or not {"events", "runs"} <= tables:
         raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
 
 
@@ -282,7 +289,7 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
                 f"threadflow (this one reads up to {SCHEMA_VERSION})",
                 "upgrade threadflow",
             )
-        if not write and version != SCHEMA_VERSION:
+        if not write and version < OLDEST_VERSION:
             raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
         if write:
             _use_wal(conn)
@@ -503,9 +510,22 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             "status": str,
             "message": str,
             "created": float,
+            "inputs": str,
         },
         pk="id",
         not_null=["server", "run_id", "status", "created"],
+        if_not_exists=True,
+        strict=True,
+    )
+    # Version 1 stores: requests had no inputs.
+    if "inputs" not in {row[1] for row in conn.execute("PRAGMA table_info(requests)")}:
+        conn.execute("ALTER TABLE requests ADD COLUMN inputs TEXT")
+    # Runs another process asked to cancel (threadflow cancel, RemoteRunHandle.cancel()); the
+    # owner of the run polls for its own run id and ends it "cancelled".
+    db.table("cancels").create(
+        {"run_id": str, "requested": float, "reason": str},
+        pk="run_id",
+        not_null=["requested"],
         if_not_exists=True,
         strict=True,
     )
@@ -756,17 +776,21 @@ class Writer:
         self.begin()
         self.conn.execute("DELETE FROM servers WHERE name = ? AND pid = ?", (name, pid))
 
-    def pending_requests(self, name: str) -> list[tuple[int, Any, Any]]:
-        """``(id, entrance, run_id)`` of the runs other processes asked of ``name``.
+    def pending_requests(self, name: str) -> list[tuple[int, Any, Any, Any]]:
+        """``(id, entrance, run_id, inputs)`` of the runs other processes asked of ``name``.
 
         As stored, unchecked: anyone who can write the file can insert a row, and a table not
-        made by threadflow may hold any type (see ``remote.check_request``).
+        made by threadflow may hold any type (see ``remote.check_request``), or lack the
+        ``inputs`` column (then no request has inputs).
+
+        :raises sqlite3.Error: if the table cannot be read at all.
         """
-        return self.conn.execute(
-            "SELECT id, entrance, run_id FROM requests WHERE server = ? AND status = 'pending' "
-            "ORDER BY id",
-            (name,),
-        ).fetchall()
+        where = "FROM requests WHERE server = ? AND status = 'pending' ORDER BY id"
+        try:
+            rows = self.conn.execute(f"SELECT id, entrance, run_id, inputs {where}", (name,))
+        except sqlite3.OperationalError:  # a table replaced by one without inputs
+            rows = self.conn.execute(f"SELECT id, entrance, run_id, NULL {where}", (name,))
+        return rows.fetchall()
 
     def answer_request(self, request_id: int, status: str, message: str | None) -> bool:
         """Answer a request that is still pending; False if it is not (its asker gave up)."""
