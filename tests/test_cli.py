@@ -881,4 +881,12 @@ def test_every_command_and_exit_code_is_documented():
 
 
 def test_commands_are_the_documented_set():
-    assert sorted(cli.commands) == ["graph", "replay", "run", "runs", "show", "timeline"]
+    assert sorted(cli.commands) == [
+        "cancel",
+        "graph",
+        "replay",
+        "run",
+        "runs",
+        "show",
+        "timeline",
+    ]

@@ -200,6 +200,10 @@ def event_summary(kind: str, data: Any, width: int) -> str:
             text += " (tolerated)"
     elif kind == "failed_over":
         text = f"{task_text(data.get('task'))}: {error_text(data.get('error'))}"
+    elif kind in ("cancelled", "interrupted") and data.get("reason"):
+        text = f"reason={data['reason']}"
+        if data.get("error"):
+            text += f" {error_text(data['error'])}"
     elif kind == "all_over":
         failed = data.get("failed") or []
         text = f"tolerated failures: {len(failed)}" if failed else ""

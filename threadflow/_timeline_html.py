@@ -42,6 +42,7 @@ _OUTCOME_COLORS = {
     "all_over": "#2f9e58",
     "failed_over": "#d8413c",
     "interrupted": "#7d8590",
+    "cancelled": "#b07d2b",
     "running": "#3b7dd8",
 }
 

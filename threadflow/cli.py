@@ -19,6 +19,8 @@ import os
 import shlex
 import sqlite3
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
@@ -54,6 +56,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ERROR = 3
 EXIT_INTERRUPTED = 4
+EXIT_CANCELLED = 5
 
 EXIT_CODES = (
     (0, "success; for run and replay: the run ended all_over"),
@@ -61,6 +64,7 @@ EXIT_CODES = (
     (EXIT_USAGE, "usage error, or a module:Class that cannot be imported or is not a Flow"),
     (EXIT_ERROR, "unknown or ambiguous run, unusable store, or replay refused"),
     (EXIT_INTERRUPTED, "run, replay: the run was interrupted (replay it to go on)"),
+    (EXIT_CANCELLED, "run, replay: the run was cancelled (replay it to go on)"),
 )
 
 #: Event kinds the engine writes (``--kind`` accepts others, with a warning).
@@ -305,7 +309,8 @@ def _run_record(info: RunInfo) -> dict[str, Any]:
 def runs(flow: str | None, limit: int | None, db: str | None, as_json: bool) -> None:
     """List the runs in the store, oldest first.
 
-    STATUS is the run's outcome (all_over, failed_over, interrupted), or running / interrupted
+    STATUS is the run's outcome (all_over, failed_over, cancelled, interrupted), or running /
+    interrupted
     for a run that has not ended (interrupted: its process is gone). DURATION is the time the
     run was running, in all its segments (the pause before a replay does not count).
 
@@ -703,7 +708,7 @@ def replay(
 
     Finished stages, parents and children are not run again; the rest runs with fresh
     attempts, under the same run id. The exit code tells the outcome: 0 all_over,
-    1 failed_over (the failing task and error are printed), 4 interrupted.
+    1 failed_over (the failing task and error are printed), 4 interrupted, 5 cancelled.
 
     \b
     Example:
@@ -778,7 +783,7 @@ def run_command(
     Each stage shows its children finished / added, failures, exits, timeouts, retries and
     children per second. Ctrl-C stops the run cleanly: running attempts are cancelled, the run
     is recorded as interrupted, and the command to replay it is printed. The exit code tells
-    the outcome: 0 all_over, 1 failed_over, 4 interrupted.
+    the outcome: 0 all_over, 1 failed_over, 4 interrupted, 5 cancelled.
 
     \b
     Examples:
@@ -867,15 +872,58 @@ def _report_result(
             err=True,
         )
         sys.exit(EXIT_FAILED)
-    if result.outcome == "interrupted":
+    if result.outcome in ("interrupted", "cancelled"):
         _say(f"replay it to go on: {replay_cmd}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED if result.outcome == "interrupted" else EXIT_CANCELLED)
 
 
 def _timeline_file(run_id: str) -> str:
     """``timeline``'s default output: ``RUN_ID.html`` in the working directory, whatever the
     run id in the store says (a hand-written ``../../x`` is not a path)."""
     return f"{file_stem(run_id)}.html"
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+#: Seconds ``cancel`` waits for the run's owner to end it (it looks four times a second).
+CANCEL_WAIT = 10.0
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--reason", default="cancelled", show_default=True, help="Recorded with the end.")
+@db_option
+def cancel(run: str, reason: str, db: str | None) -> None:
+    """Cancel RUN (an id or a unique prefix), running in any process on the store, without
+    stopping its server.
+
+    Its running attempts are cancelled and it ends "cancelled", within about a second; it can
+    be replayed later. Waits for the end and prints it.
+
+    \b
+    Example:
+      threadflow cancel 3f2a --db runs.db
+    """
+    from .remote import request_cancel
+
+    path = _db_path(db)
+    store = _open(path)
+    info = _resolve(store, run)
+    try:
+        request_cancel(path, info.run_id, reason)
+    except ThreadflowError as exc:
+        raise CLIError(str(exc), "threadflow runs lists what is running") from None
+    deadline = time.monotonic() + CANCEL_WAIT
+    status = "running"
+    while status == "running" and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+        status = store.status(info.run_id) or "running"
+    if status == "running":
+        raise CLIError(
+            f"run {info.run_id} was asked to cancel but is still running after {CANCEL_WAIT:g} s",
+            "its owner may be busy in a long coordinator turn; look again with threadflow runs",
+        )
+    _say(f"run {info.run_id}: {status}")
 
 
 # -- graph -------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .executors import make_pools
 from .isolation import ThreadPool, run_attempt
 from .messages import (
     AddChildren,
+    CancelRun,
     Carried,
     Done,
     Message,
@@ -69,6 +70,8 @@ TURN = 0.005
 WINDOW = 512
 #: Seconds between looks for runs that other processes asked of a global server.
 POLL = 0.2
+#: Seconds between looks for a cancel of the current run asked by another process.
+CANCEL_LOOK = 0.25
 #: Longest single wait of the loop (a deadline further away is waited for in several).
 MAX_WAIT = 3600.0
 
@@ -319,6 +322,7 @@ class Coordinator:
         self._next_poll = 0.0  # when to look for runs other processes asked of a global name
         self._commit_now = False
         self._requests_broken = False  # warned once that the requests table cannot be read
+        self._next_cancel_look = 0.0  # when to look for a cancel of the run asked elsewhere
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -353,6 +357,10 @@ class Coordinator:
 
     def alive(self) -> bool:
         return self.thread.is_alive()
+
+    def ask_cancel(self, run_id: str, reason: str) -> None:
+        """Cancel run ``run_id`` if it is this server's current run (any thread)."""
+        self.post(CancelRun(run_id, reason))
 
     def stop(self, grace: float, timeout: float | None) -> None:
         """Stop the server (any thread): no new runs, attempts cancelled, then wait.
@@ -487,6 +495,8 @@ class Coordinator:
             when = self._next_beat if when is None else min(when, self._next_beat)
         if self._global is not None:
             when = min(when, self._next_poll)  # type: ignore[type-var]
+        if run is not None:
+            when = self._next_cancel_look if when is None else min(when, self._next_cancel_look)
         if self.writer.in_transaction:
             commit_at = self.writer.opened + self.commit_every
             when = commit_at if when is None else min(when, commit_at)
@@ -494,8 +504,15 @@ class Coordinator:
         return None if when is None else max(0.0, min(when - monotonic(), MAX_WAIT))
 
     def _tick(self) -> None:
-        """Renew leases; answer runs that other processes asked of a global server."""
+        """Renew leases; look for a cancel of the run asked by another process; answer runs
+        that other processes asked of a global server."""
         now = self.now
+        run = self.run
+        if run is not None and now >= self._next_cancel_look and self._stop_at is None:
+            self._next_cancel_look = now + CANCEL_LOOK
+            reason = self.writer.cancel_requested(run.run_id)
+            if reason is not None:
+                self._on_cancel_run(run.run_id, reason)
         if now >= self._next_beat and (self.run is not None or self._global is not None):
             run_id = self.run.run_id if self.run is not None else None
             self.writer.heartbeat(run_id, self._global, os.getpid())
@@ -539,7 +556,7 @@ class Coordinator:
             self._refuse_request(request_id, str(bad))
             return
         try:
-            handle = self.core.take_slot(run_id, utcnow())
+            handle = self.core.take_slot(run_id, utcnow(), self.store, self.ask_cancel)
         except FlowRunning as busy:
             message = json.dumps({"run_id": busy.run_id, "start_time": busy.start_time.isoformat()})
             self._answer_refused(request_id, message)
@@ -667,6 +684,8 @@ class Coordinator:
             self._on_start(msg.handle, msg.entrance, msg.inputs)
         elif isinstance(msg, ReplayRun):
             self._on_replay(msg.handle, msg.history, msg.reply)
+        elif isinstance(msg, CancelRun):
+            self._on_cancel_run(msg.run_id, msg.reason)
         elif isinstance(msg, Stop):
             self._on_stop(msg.grace)
         else:  # pragma: no cover
@@ -1162,23 +1181,38 @@ class Coordinator:
         if run.open == 0:
             self._end_run(run, "all_over", None, None)
 
+    def _on_cancel_run(self, run_id: str, reason: str) -> None:
+        """Cancel the current run if it is ``run_id`` (a request for any other run is late:
+        that run has ended, and its result stands)."""
+        run = self.run
+        if run is None or run.run_id != run_id or run.over or self._stop_at is not None:
+            return
+        self._end_run(run, "cancelled", None, None, reason=reason)
+
     def _end_run(
-        self, run: Run, outcome: str, task: tuple[Any, ...] | None, error: BaseException | None
+        self,
+        run: Run,
+        outcome: str,
+        task: tuple[Any, ...] | None,
+        error: BaseException | None,
+        reason: str | None = None,
     ) -> None:
         run.over = True  # set first: a worker never takes a standby attempt of an over run
         self._drain_standby(run)
         for att in list(self.attempts.values()):  # every current attempt is of this run
             self._detach(att)
-            self._cancel(att, "run_over")
+            self._cancel(att, "cancelled" if outcome == "cancelled" else "run_over")
         data: dict[str, Any] = {"failed": [list(t) for t in run.failed]}
         if task is not None:
             data["task"] = list(task)
             data["error"] = describe(error) if error is not None else None
+        if reason is not None:
+            data["reason"] = reason
         self._event(run.run_id, outcome, data=json.dumps(data))
         self.writer.run_ended(run.run_id, self._stamp(), outcome)
         if outcome == "all_over":
             self._signal(signals.all_over, run, None, None)
-        else:
+        elif outcome == "failed_over":
             self._signal(signals.failed_over, run, task, None, error=error)
         result = RunResult(outcome, run.run_id, run.state, task, error, list(run.failed))
         self._after.append((run.handle, result))

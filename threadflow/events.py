@@ -54,6 +54,7 @@ CHILDREN_DISCARDED = "children_discarded"  #: a failed attempt's children droppe
 TASK_ALL_OVER = "task_all_over"  #: a stage and all its children are done: done, failed
 ALL_OVER = "all_over"  #: the run ended, every branch over: failed
 FAILED_OVER = "failed_over"  #: the run failed: task, error, failed
+CANCELLED = "cancelled"  #: the run was cancelled (handle.cancel(), threadflow cancel): reason
 INTERRUPTED = "interrupted"  #: stop() or a coordinator failure ended the run: reason, error
 REPLAYED = "replayed"  #: a replay starts a new segment: segment, previous_outcome, server, pid
 ABANDONED = "abandoned"  #: a cancelled attempt did not return in time
@@ -75,6 +76,7 @@ KINDS = (
     TASK_ALL_OVER,
     ALL_OVER,
     FAILED_OVER,
+    CANCELLED,
     INTERRUPTED,
     REPLAYED,
     ABANDONED,
@@ -82,7 +84,7 @@ KINDS = (
     CALLBACK_ERROR,
 )
 #: Kinds that end a run segment.
-FINAL_KINDS = (ALL_OVER, FAILED_OVER, INTERRUPTED)
+FINAL_KINDS = (ALL_OVER, FAILED_OVER, CANCELLED, INTERRUPTED)
 
 #: The signal (by name, in :mod:`threadflow.signals`) sent once an event of this kind is
 #: committed. Kinds not listed fire no signal.

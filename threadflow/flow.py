@@ -280,9 +280,27 @@ class Flow:
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
         recorded = _checked_inputs(str(self._core.name), self._coord.extra, inputs)
-        handle = self._core.take_slot(uuid.uuid4().hex[:12], utcnow())
+        handle = self._core.take_slot(
+            uuid.uuid4().hex[:12], utcnow(), self._coord.store, self._coord.ask_cancel
+        )
         self._coord.post(StartRun(handle, entrance, recorded))
         return handle
+
+    def cancel(self, run_id: str, reason: str = "cancelled") -> None:
+        """Cancel run ``run_id`` without stopping the server; returns at once.
+
+        The run may be this server's or one another process runs on the same store (the
+        request then goes through the store, and its owner sees it within a quarter second).
+        See ``RunHandle.cancel``.
+
+        :raises ThreadflowError: if no server runs ``run_id``.
+        """
+        if self._core.running == run_id:
+            self._coord.ask_cancel(run_id, reason)
+            return
+        from .remote import request_cancel
+
+        request_cancel(self._coord.store.path, run_id, reason)
 
     @start_flow.on_class
     def _start_flow_on_class(
@@ -357,7 +375,9 @@ class Flow:
         assert info is not None
         history = info.history if info.history is not None else store.history(run_id)
         check_same_flow(coord.definition, history)
-        handle = core.take_slot(run_id, datetime.datetime.fromisoformat(info.started))
+        handle = core.take_slot(
+            run_id, datetime.datetime.fromisoformat(info.started), store, coord.ask_cancel
+        )
         reply = Reply()
         coord.post(ReplayRun(handle, history, reply))
         while not reply.event.wait(0.5):

@@ -93,13 +93,21 @@ class ReplayRun:
 
 
 @dataclass(slots=True)
+class CancelRun:
+    """End run ``run_id`` ``cancelled`` if it is this server's current run."""
+
+    run_id: str
+    reason: str
+
+
+@dataclass(slots=True)
 class Stop:
     """Stop the server, giving running attempts ``grace`` seconds."""
 
     grace: float
 
 
-Message = Done | AddChildren | Carried | StartRun | ReplayRun | Stop
+Message = Done | AddChildren | Carried | StartRun | ReplayRun | CancelRun | Stop
 
 
 class Pool(Protocol):

@@ -22,7 +22,7 @@ from ._clock import monotonic, wall
 from .errors import FlowRunning, ThreadflowError
 from .events import owner_alive
 from .result import RunHandle, RunResult
-from .store import EventStore, connect
+from .store import EventStore, connect, ensure_schema
 
 #: Seconds to wait for the owner to answer a request before giving up.
 ANSWER_TIMEOUT = 10.0
@@ -85,8 +85,10 @@ class RemoteRunHandle(RunHandle):
     """
 
     def __init__(self, run_id: str, start_time: datetime.datetime, store: EventStore) -> None:
-        super().__init__(run_id, start_time)
-        self.store = store
+        super().__init__(run_id, start_time, store, self._ask_cancel)
+
+    def _ask_cancel(self, run_id: str, reason: str) -> None:
+        request_cancel(self.store.path, run_id, reason)
 
     def _outcome(self) -> str | None:
         """The run's status once it is not running: the fold's outcome (``EventStore.status``
@@ -117,6 +119,35 @@ class RemoteRunHandle(RunHandle):
             error,
             history.failed,
         )
+
+
+def request_cancel(path: str, run_id: str, reason: str = "cancelled") -> None:
+    """Ask the process that runs ``run_id`` (this one or another sharing the store) to cancel it.
+
+    The request is a row of the store's ``cancels`` table; the run's owner looks for it four
+    times a second and ends the run ``cancelled``.
+
+    :raises ThreadflowError: if the run is not running (unknown, ended, or its owner is gone).
+    """
+    conn = connect(path)
+    try:
+        ensure_schema(conn)  # a store of an older threadflow gets the cancels table
+        row = conn.execute(
+            "SELECT outcome, pid, host, heartbeat FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise ThreadflowError(f"there is no run {run_id!r} in {path!r}")
+        if row[0] is not None or not owner_alive(*row[1:]):
+            status = row[0] or "interrupted (its process is gone)"
+            raise ThreadflowError(f"run {run_id} is not running ({status}); nothing to cancel")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT OR REPLACE INTO cancels (run_id, requested, reason) VALUES (?, ?, ?)",
+            (run_id, wall(), reason),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def request_start(

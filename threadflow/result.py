@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +12,9 @@ from typing import Any
 class RunResult:
     """The end of a run.
 
-    :ivar outcome: ``"all_over"``, ``"failed_over"`` or ``"interrupted"`` (``stop()`` ended it;
-        it can be replayed).
+    :ivar outcome: ``"all_over"``, ``"failed_over"``, ``"cancelled"`` (``cancel()`` ended it)
+        or ``"interrupted"`` (``stop()`` or a failure of the engine ended it); the last two can
+        be replayed.
     :ivar run_id: the run's id in the store.
     :ivar state: the run's state, including every change the final callbacks made.
     :ivar task: the task that could not be retried (``("fetch",)`` or ``("fetch", child_id)``),
@@ -47,14 +49,38 @@ def settle(handle: RunHandle, result: RunResult | None, exc: BaseException | Non
 
 
 class RunHandle:
-    """A run that was started: its id, and its ``RunResult`` once it ends."""
+    """A run that was started: its id, and its ``RunResult`` once it ends.
 
-    def __init__(self, run_id: str, start_time: Any) -> None:
+    :ivar run_id: the run's id in the store.
+    :ivar start_time: when it started (aware UTC datetime).
+    :ivar store: the ``EventStore`` of its log (None for a handle made by hand).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        start_time: Any,
+        store: Any = None,
+        canceller: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.start_time = start_time
+        self.store = store
+        self._canceller = canceller
         self._done = threading.Event()
         self._result: RunResult | None = None
         self._exc: BaseException | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Cancel this run, without stopping its server; returns at once.
+
+        Every running attempt is cancelled (its token; a subprocess attempt's process is
+        killed; a remote attempt's future cancelled), the run ends ``"cancelled"`` (a
+        ``cancelled`` event; it can be replayed) and ``result()`` returns that outcome. A run
+        that has already ended keeps its result.
+        """
+        if self._canceller is not None and not self.done():
+            self._canceller(self.run_id, reason)
 
     def done(self) -> bool:
         """True once the run has ended."""

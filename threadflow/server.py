@@ -16,6 +16,7 @@ import datetime
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,13 @@ class ServerCore:
 
     # -- the run slot ------------------------------------------------------------------------
 
-    def take_slot(self, run_id: str, start_time: datetime.datetime) -> RunHandle:
+    def take_slot(
+        self,
+        run_id: str,
+        start_time: datetime.datetime,
+        store: Any = None,
+        canceller: Callable[[str, str], None] | None = None,
+    ) -> RunHandle:
         """Make run ``run_id`` this server's one run; any thread may call it.
 
         :raises ThreadflowError: if the server is stopped.
@@ -120,7 +127,7 @@ class ServerCore:
                 )
             if self._active is not None:
                 raise FlowRunning(self.name, self._active.run_id, self._active.start_time)
-            handle = RunHandle(run_id, start_time)
+            handle = RunHandle(run_id, start_time, store, canceller)
             self._active = handle
         return handle
 

@@ -38,8 +38,10 @@ from .errors import DuplicateChildError, StoreError
 from .events import (
     CHILD_ADDED,
     EXIT,
+    FINAL_KINDS,
     FOLD_DATA_KINDS,
     KINDS,
+    REPLAYED,
     TASK_OVER,
     TASK_STARTED,
     TIMEOUT,
@@ -98,7 +100,8 @@ class RunInfo:
     """One run as listed by :meth:`EventStore.runs`: its ``runs`` row (who owns it) and what its
     log says (:attr:`history`, the fold that every reader shows).
 
-    ``outcome`` is the last segment's end (``all_over``, ``failed_over``, ``interrupted``), or
+    ``outcome`` is the last segment's end (``all_over``, ``failed_over``, ``cancelled``,
+    ``interrupted``), or
     None while unfinished; :attr:`status` tells an unfinished run whose owner died
     (``"interrupted"``) from one still running (``"running"``).
     """
@@ -735,6 +738,9 @@ class Writer:
             "WHERE run_id = ?",
             (pid, host, wall(), run_id),
         )
+        # A cancel asked of an earlier segment that nobody took is not for this one.
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("DELETE FROM cancels WHERE run_id = ?", (run_id,))
 
     def heartbeat(self, run_id: str | None, server: str | None, pid: int) -> None:
         """Renew the leases of the running run and of a global server name."""
@@ -819,6 +825,21 @@ class Writer:
             return False
         self.append([(run_id, ended, "interrupted", None, None, None, None, data)])
         return True
+
+    def cancel_requested(self, run_id: str) -> str | None:
+        """The reason of a cancel of ``run_id`` another process asked for (and take the
+        request: it is answered by the run's end), or None."""
+        try:
+            row = self.conn.execute(
+                "SELECT reason FROM cancels WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        except sqlite3.Error:  # the table was dropped by someone who may write: no cancels
+            return None
+        if row is None:
+            return None
+        self.begin()
+        self.conn.execute("DELETE FROM cancels WHERE run_id = ?", (run_id,))
+        return str(row[0] or "cancelled")
 
     def run_ended(self, run_id: str, ended: str, outcome: str) -> None:
         self.begin()
@@ -1154,11 +1175,11 @@ class EventStore:
             ).fetchone()
             if row is None:
                 return None
+            ends = (*FINAL_KINDS, REPLAYED)
             last = conn.execute(
-                "SELECT kind FROM events WHERE run_id = ? AND kind IN "
-                "('all_over', 'failed_over', 'interrupted', 'replayed') "
-                "ORDER BY seq DESC LIMIT 1",
-                (run_id,),
+                f"SELECT kind FROM events WHERE run_id = ? AND kind IN "
+                f"({','.join('?' * len(ends))}) ORDER BY seq DESC LIMIT 1",
+                (run_id, *ends),
             ).fetchone()
         finally:
             conn.close()

@@ -248,7 +248,11 @@ class _Builder:
             self.markers.append(Marker(t, "replayed", f"replay {data.get('segment', '')}"))
             return
         if kind in FINAL_KINDS:
-            why = {"failed_over": "the run failed", "interrupted": "the run was stopped"}
+            why = {
+                "failed_over": "the run failed",
+                "interrupted": "the run was stopped",
+                "cancelled": "the run was cancelled",
+            }
             self._close_open(f"cancelled: {why.get(kind, 'the run ended')}", "cancelled", t)
             text = kind
             if kind == "failed_over" and data.get("task"):
