@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import sqlite3
 import subprocess
 import sys
@@ -145,10 +146,10 @@ def test_children_json_cannot_hold_are_refused_with_a_type_error(
 
 @pytest.mark.parametrize(
     "value",
-    [math.nan, -math.inf, {"x": [1.0, math.inf]}, 10**5000],
-    ids=["nan", "-inf", "nested-inf", "huge-int"],
+    [math.nan, -math.inf, {"x": [1.0, math.inf]}, 10**5000, pathlib.Path("/photos/a.jpg")],
+    ids=["nan", "-inf", "nested-inf", "huge-int", "path"],
 )
-def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_being_stored_wrong(
+def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_being_lost(
     store_path, value
 ):
     with Returns.start_link(store=store_path, value=value) as server:

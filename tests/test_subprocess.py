@@ -22,6 +22,7 @@ import pytest
 import subprocess_tasks as tasks
 from helpers import wait_until
 
+import threadflow
 from threadflow import (
     ALL_OVER,
     EventStore,
@@ -270,13 +271,14 @@ class Unpicklable(Flow):
     )
 
 
-def test_an_unpicklable_result_is_recorded_like_a_thread_result(store_path, tmp_path):
+def test_an_unstorable_result_fails_the_attempt_like_a_thread_result(store_path, tmp_path):
     with Unpicklable.start_link(store=store_path, dir=str(tmp_path)) as server:
         res = server.start_flow(entrance="result").result(timeout=HANG_GUARD)
 
-    [over] = event_data(store_path, res.run_id, "task_over")
-    assert over["result"] is None
-    assert "lock" in over["result_repr"]
+    assert res.outcome == "failed_over"
+    assert isinstance(res.error, threadflow.EncodeError)
+    assert "_thread.lock" in str(res.error)
+    assert len(event_data(store_path, res.run_id, "exit")) == 1  # not retried
 
 
 def test_an_unpicklable_exception_is_a_clear_exit_error(store_path, tmp_path):

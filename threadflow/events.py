@@ -234,19 +234,17 @@ def error_json(exc: BaseException, **extra: Any) -> str:
 def encode_result(value: Any) -> str | None:
     """A task's return value as the ``data`` of its ``task_over`` event.
 
-    A value of a type JSON cannot hold is stored as its ``repr`` (``results()`` yields None
-    for it); a value JSON could hold but must not (``nan``, an int too long to print, a cycle)
-    fails the attempt rather than being stored wrong.
+    Nothing is lost in silence: a value JSON cannot hold (a ``pathlib.Path``, a ``datetime``,
+    ``nan``, an int too long to print, a cycle) fails the attempt, without retries, rather
+    than being stored as something else.
 
-    :raises EncodeError: for such a value.
+    :raises EncodeError: for such a value, naming its type and what to return instead.
     """
     if value is None:
         return None
     try:
         text = _compact(value)
-    except TypeError:
-        return json.dumps({"result": None, "result_repr": safe_repr(value)})
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise EncodeError(
             f"the task returned a {_type_name(type(value))} that cannot be stored: "
             f"{_why(value, exc)}"
