@@ -29,6 +29,7 @@ EXPECTED_ALL = sorted(
         "add_child_task",
         "add_children_tasks",
         "current_token",
+        "output",
         "results",
         "signals",
         "sleep",

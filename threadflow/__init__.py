@@ -6,7 +6,7 @@ The public names are re-exported here; see ``docs/`` and ``API.md`` for the cont
 
 from . import signals
 from .cancel import CancelToken, current_token, sleep
-from .children import add_child_task, add_children_tasks, results
+from .children import add_child_task, add_children_tasks, output, results
 from .definition import ALL_OVER, task
 from .errors import (
     AlreadyStarted,
@@ -50,6 +50,7 @@ __all__ = [
     "add_child_task",
     "add_children_tasks",
     "current_token",
+    "output",
     "results",
     "signals",
     "sleep",

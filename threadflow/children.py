@@ -164,9 +164,34 @@ def results(state: Mapping[str, Any], task: str) -> Iterator[tuple[Any, Any]]:
 
     :raises ValueError: if ``task`` is not a task of the flow.
     """
+    _check_task(state, task)
+    return state["store"].results(state["run_id"], task)  # type: ignore[no-any-return]
+
+
+def output(state: Mapping[str, Any], task: str) -> Any:
+    """The value ``task``'s ``task_func`` returned in the run of ``state``.
+
+    Read from the log, so it survives a replay: a later stage reads what an earlier one
+    returned even when that stage ran in a segment before a crash. (Children's values are
+    :func:`results`.)
+
+    :raises ValueError: if ``task`` is not a task of the flow, or has not returned in this
+        run (yet): call it from a stage that comes after ``task``, or from its children.
+    """
+    _check_task(state, task)
+    run_id = state["run_id"]
+    found, value = state["store"].output(run_id, task)
+    if not found:
+        raise ValueError(
+            f"task {task!r} has not returned in run {run_id} (yet), so it has no output; read "
+            "it from a stage that runs after it (next=...) or from its children"
+        )
+    return value
+
+
+def _check_task(state: Mapping[str, Any], task: str) -> None:
     flow = state.get("task_flow")
     if flow is not None and task not in flow.tasks:
         raise ValueError(
             f"flow {flow.name!r} has no task {task!r}; its tasks are {sorted(flow.tasks)}"
         )
-    return state["store"].results(state["run_id"], task)  # type: ignore[no-any-return]

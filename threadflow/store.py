@@ -1213,6 +1213,22 @@ class EventStore:
         """A :class:`Follower`: the fold of ``run_id``, updated as its log grows."""
         return Follower(self, run_id)
 
+    def output(self, run_id: str, task: str) -> tuple[bool, Any]:
+        """``(True, value)``: what ``task``'s parent attempt returned in run ``run_id`` (its
+        last success, whatever the segment); ``(False, None)`` if it has not returned."""
+        conn = self._connect()
+        try:
+            row = conn.execute(
+                "SELECT data FROM events WHERE run_id = ? AND kind = 'task_over' AND task = ? "
+                "AND ref IS NULL ORDER BY seq DESC LIMIT 1",
+                (run_id, task),
+            ).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            return False, None
+        return True, json.loads(row[0]).get("result") if row[0] else None
+
     def results(self, run_id: str, task: str) -> Iterator[tuple[Any, Any]]:
         """``(child_id, result)`` of the finished children of ``task``, in the order added.
 
