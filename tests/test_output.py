@@ -67,5 +67,6 @@ def test_output_of_a_stage_that_has_not_returned_is_a_clear_error(store_path):
 
 def test_output_of_an_unknown_task_names_the_tasks(store_path):
     res = Batch.run(store=store_path, fail_report=False)
-    with pytest.raises(ValueError, match=r"has no task 'plann'; its tasks are \['plan', 'report'\]"):
+    names = r"has no task 'plann'; its tasks are \['plan', 'report'\]"
+    with pytest.raises(ValueError, match=names):
         threadflow.output(res.state, "plann")
