@@ -149,9 +149,7 @@ def test_children_json_cannot_hold_are_refused_with_a_type_error(
     [math.nan, -math.inf, {"x": [1.0, math.inf]}, 10**5000, pathlib.Path("/photos/a.jpg")],
     ids=["nan", "-inf", "nested-inf", "huge-int", "path"],
 )
-def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_being_lost(
-    store_path, value
-):
+def test_a_result_json_cannot_hold_fails_the_attempt_instead_of_being_lost(store_path, value):
     with Returns.start_link(store=store_path, value=value) as server:
         result = server.start_flow().result(timeout=HANG_GUARD)
     assert result.outcome == "failed_over"
