@@ -30,7 +30,7 @@ from blinker import NamedSignal
 from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken, current_context
-from .definition import RESERVED, FlowDefinition, TaskSpec
+from .definition import RESERVED, FlowDefinition, TaskSpec, check_same_flow
 from .errors import (
     CancelledError,
     DuplicateChildError,
@@ -51,6 +51,7 @@ from .messages import (
     Pool,
     ReplayRun,
     Reply,
+    ResumeRuns,
     StartRun,
     Stop,
 )
@@ -323,6 +324,7 @@ class Coordinator:
         self._commit_now = False
         self._requests_broken = False  # warned once that the requests table cannot be read
         self._next_cancel_look = 0.0  # when to look for a cancel of the run asked elsewhere
+        self._resume: deque[RunHandle] = deque()  # interrupted runs to replay, oldest first
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -433,6 +435,16 @@ class Coordinator:
             except Exception:  # pragma: no cover - closing a broken connection
                 log.exception("threadflow: closing the store failed")
             self._disconnect_handlers()
+            for handle in self._resume:  # runs start_link(resume=True) did not get to
+                settle(
+                    handle,
+                    None,
+                    ThreadflowError(
+                        f"server {self.core.name!r} stopped before it resumed run "
+                        f"{handle.run_id}; it stays interrupted, replay it later"
+                    ),
+                )
+            self._resume.clear()
             orphan = self.core.close()
             if orphan is not None:
                 # A start or replay taken just before the server stopped (after a crash):
@@ -474,6 +486,9 @@ class Coordinator:
                     msg = get_nowait()
                 except queue.Empty:
                     msg = None
+            # Not in the turn the run before ended: its slot is free once its result is out.
+            if self._resume and self.run is None and not self._after and self._stop_at is None:
+                self._resume_next()
             self._fire_due()
             self._dispatch()
             self._tick()
@@ -482,6 +497,8 @@ class Coordinator:
                 self._maybe_finish_stop()
 
     def _wait_time(self) -> float | None:
+        if self._resume and self.run is None and not self._after and self._stop_at is None:
+            return 0.0  # the next run to resume starts at once
         when: float | None = self._heap[0][0] if self._heap else None
         run = self.run
         if run is not None:
@@ -684,6 +701,8 @@ class Coordinator:
             self._on_start(msg.handle, msg.entrance, msg.inputs)
         elif isinstance(msg, ReplayRun):
             self._on_replay(msg.handle, msg.history, msg.reply)
+        elif isinstance(msg, ResumeRuns):
+            self._resume.extend(msg.handles)
         elif isinstance(msg, CancelRun):
             self._on_cancel_run(msg.run_id, msg.reason)
         elif isinstance(msg, Stop):
@@ -797,6 +816,27 @@ class Coordinator:
         )
         self._signal(signals.start_flow, run, None, None)
         self._start_stage(run, entrance)
+
+    def _resume_next(self) -> None:
+        """Replay the next interrupted run of ``start_link(resume=True)``; one that cannot be
+        replayed now gets the reason as its handle's error, and the next one goes on."""
+        handle = self._resume.popleft()
+        try:
+            history = self.store.history(handle.run_id)
+            check_same_flow(self.definition, history)
+            self.core.take_slot_to_resume(handle)
+        except Exception as exc:
+            log.warning("threadflow: cannot resume run %s: %s", handle.run_id, describe(exc))
+            self.core.release_slot(handle)
+            settle(handle, None, exc)
+            return
+        reply = Reply()
+        self._on_replay(handle, history, reply)
+        if reply.error is not None:
+            log.warning(
+                "threadflow: cannot resume run %s: %s", handle.run_id, describe(reply.error)
+            )
+            settle(handle, None, reply.error)
 
     def _on_replay(self, handle: RunHandle, history: RunHistory, reply: Reply) -> None:
         """Continue a run from its log: finished work stays finished, the rest runs again.

@@ -24,7 +24,7 @@ from ._clock import utcnow
 from .definition import RESERVED, FlowDefinition, check_flow, check_same_flow
 from .errors import EncodeError, FlowDefinitionError, ThreadflowError
 from .events import dumps
-from .messages import ReplayRun, Reply, StartRun
+from .messages import ReplayRun, Reply, ResumeRuns, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
 from .store import EventStore
@@ -147,6 +147,7 @@ class Flow:
     # with the coordinator through its methods), and its coordinator.
     _core: ServerCore
     _coord: Coordinator
+    _resumed: list[RunHandle]
 
     def __init_subclass__(cls, server_name: Any = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -181,6 +182,7 @@ class Flow:
         return_to: Any = None,
         executor: Any = None,
         executors: Mapping[str, Any] | None = None,
+        resume: bool = False,
         **extra_state: Any,
     ) -> _F:
         """Start a server: its coordinator thread opens the store and waits for runs.
@@ -196,6 +198,11 @@ class Flow:
             docs/scale-out.md.
         :param executors: named executors, for tasks that pick one with
             ``task(executor="name")`` or ``task(child_executor="name")``.
+        :param resume: replay this flow's interrupted runs in the store (stopped, or whose
+            process died: ``threadflow runs`` shows them ``interrupted``), oldest first, before
+            any new run: ``start_flow`` raises ``FlowRunning`` until the last of them has
+            started. ``server.resumed`` holds their handles. For an app that must pick up
+            where it crashed.
         :param extra_state: entries put into every run's state.
         :raises AlreadyStarted: if a server with this name is running.
         :raises StoreError: if the store cannot be created, written or opened, or is corrupt.
@@ -246,7 +253,40 @@ class Flow:
         except BaseException:
             core.unregister()
             raise
+        self._resumed = []
+        if resume:
+            self._resume_interrupted()
         return self
+
+    def _resume_interrupted(self) -> None:
+        coord = self._coord
+        assert coord.definition is not None
+        pending = [
+            info
+            for info in coord.store.runs(flow=coord.definition.name)
+            if info.status == "interrupted"
+        ]
+        self._resumed = [
+            RunHandle(
+                info.run_id,
+                datetime.datetime.fromisoformat(info.started),
+                coord.store,
+                coord.ask_cancel,
+            )
+            for info in pending
+        ]
+        if self._resumed:
+            self._core.reserve_for_resume(self._resumed)
+            coord.post(ResumeRuns(list(self._resumed)))
+
+    @property
+    def resumed(self) -> list[RunHandle]:
+        """Handles of the interrupted runs ``start_link(resume=True)`` replays, oldest first.
+
+        ``result()`` of one that could not be replayed (its flow changed, another process
+        took it) raises the reason.
+        """
+        return list(self._resumed)
 
     def _overridden_handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """``(signal, bound method)`` of each ``handle_*`` this flow overrides; the others

@@ -93,6 +93,13 @@ class ReplayRun:
 
 
 @dataclass(slots=True)
+class ResumeRuns:
+    """Replay these interrupted runs, one after the other, before any new run."""
+
+    handles: list[RunHandle]
+
+
+@dataclass(slots=True)
 class CancelRun:
     """End run ``run_id`` ``cancelled`` if it is this server's current run."""
 
@@ -107,7 +114,7 @@ class Stop:
     grace: float
 
 
-Message = Done | AddChildren | Carried | StartRun | ReplayRun | CancelRun | Stop
+Message = Done | AddChildren | Carried | StartRun | ReplayRun | ResumeRuns | CancelRun | Stop
 
 
 class Pool(Protocol):

@@ -83,6 +83,8 @@ class ServerCore:
         self._lock = threading.Lock()  # guards _active and _stopped
         self._active: RunHandle | None = None  # the run this server runs, from start to result
         self._stopped = False
+        # Interrupted runs start_link(resume=True) replays before any new run, oldest first.
+        self._resuming: list[RunHandle] = []
         #: The run id the coordinator has taken on (claimed in the store, for a replay), until
         #: it ends. Written only by the coordinator, while it holds the store's write lock for
         #: a claim: two servers replaying one run are thus ordered by the store.
@@ -118,18 +120,40 @@ class ServerCore:
         """Make run ``run_id`` this server's one run; any thread may call it.
 
         :raises ThreadflowError: if the server is stopped.
-        :raises FlowRunning: if it runs a run already.
+        :raises FlowRunning: if it runs a run already, or has interrupted runs to resume.
         """
         with self._lock:
-            if self._stopped:
-                raise ThreadflowError(
-                    f"server {self.name!r} is stopped; start a new one with start_link()"
-                )
-            if self._active is not None:
-                raise FlowRunning(self.name, self._active.run_id, self._active.start_time)
+            self._check_free()
+            if self._resuming:
+                waiting = self._resuming[0]
+                raise FlowRunning(self.name, waiting.run_id, waiting.start_time)
             handle = RunHandle(run_id, start_time, store, canceller)
             self._active = handle
         return handle
+
+    def _check_free(self) -> None:
+        if self._stopped:
+            raise ThreadflowError(
+                f"server {self.name!r} is stopped; start a new one with start_link()"
+            )
+        if self._active is not None:
+            raise FlowRunning(self.name, self._active.run_id, self._active.start_time)
+
+    def reserve_for_resume(self, handles: list[RunHandle]) -> None:
+        """Keep the slot for these runs' replays, in order: no new run starts before them."""
+        with self._lock:
+            self._resuming.extend(handles)
+
+    def take_slot_to_resume(self, handle: RunHandle) -> None:
+        """Make the next run to resume, ``handle``, this server's run.
+
+        :raises ThreadflowError: if the server is stopped.
+        """
+        with self._lock:
+            if handle in self._resuming:
+                self._resuming.remove(handle)
+            self._check_free()
+            self._active = handle
 
     def release_slot(self, handle: RunHandle) -> None:
         """Free the slot ``handle`` holds (before its result is delivered, so that whoever
