@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .cancel import CancelToken, enter_attempt
 from .errors import ThreadflowError
-from .events import decode_id, encode_result, error_data
+from .events import decode_id, decoded, encode_result, error_data
 from .messages import Reply
 
 PICKLE = pickle.HIGHEST_PROTOCOL
@@ -164,7 +164,7 @@ class RemoteAttempt:
     """The attempt context in another process (a ``AttemptContext``),
     what ``current_token()`` and ``add_children_tasks()`` reach there."""
 
-    __slots__ = ("token", "sink", "task_name", "child_json", "has_children", "run_id")
+    __slots__ = ("token", "sink", "task_name", "child_json", "has_children", "run_id", "codec")
 
     def __init__(
         self,
@@ -174,7 +174,9 @@ class RemoteAttempt:
         child_json: str | None,
         has_children: bool,
         run_id: str,
+        codec: Any = None,
     ) -> None:
+        self.codec = codec
         self.token = token
         self.sink = sink
         self.task_name = task
@@ -229,8 +231,9 @@ def run_job(
             value = func(view)
         else:
             assert data_json is not None
-            value = func((decode_id(ctx.child_json), json.loads(data_json)["payload"]), view)
-        return ("over", encode_result(value))
+            payload = decoded(json.loads(data_json), "payload", ctx.codec)
+            value = func((decode_id(ctx.child_json), payload), view)
+        return ("over", encode_result(value, ctx.codec))
     except BaseException as exc:
         blob: bytes | None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -9,7 +10,7 @@ from typing import Any
 
 from .cancel import current_context
 from .errors import CancelledError, EncodeError
-from .events import dumps, safe_repr
+from .events import coded, dumps, safe_repr
 from .messages import AttemptContext, Reply
 
 #: Children are sent to the coordinator this many at a time.
@@ -45,7 +46,7 @@ def encode_id(task: str, child_id: Any) -> str:
         raise EncodeError(f"task {task!r}: child id {safe_repr(child_id, 200)}: {exc}") from None
 
 
-def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
+def _encode_child(task: str, item: Any, by: str, codec: Any = None) -> tuple[str, str]:
     try:
         child_id, payload = item
     except (TypeError, ValueError):
@@ -67,6 +68,10 @@ def _encode_child(task: str, item: Any, by: str) -> tuple[str, str]:
     try:
         payload_json = dumps(payload)
     except EncodeError as exc:
+        if codec is not None:  # what JSON cannot hold goes through the flow's codec
+            what = f"task {task!r}: the payload of child {safe_repr(child_id, 200)}"
+            text = json.dumps(coded(codec, payload, what))
+            return cid, '{"payload":null,"coded":' + text + ',"by":' + by + "}"
         raise EncodeError(
             f"task {task!r}: the payload of child {safe_repr(child_id, 200)} cannot be stored: "
             f"{exc}"
@@ -108,13 +113,13 @@ def add_children_tasks(children: Iterable[tuple[Any, Any]], state: Mapping[str, 
     :raises CancelledError: if the attempt was cancelled meanwhile.
     """
     ctx = _attempt_for(state, "add_children_tasks")
-    task, by = ctx.task_name, ctx.child_json or "null"
+    task, by, codec = ctx.task_name, ctx.child_json or "null", ctx.codec
     ctx.token.raise_if_cancelled()
     ids: list[str] = []
     datas: list[str] = []
     sent: deque[Reply] = deque()  # chunks not yet answered, oldest first
     for item in children:
-        cid, data = _encode_child(task, item, by)
+        cid, data = _encode_child(task, item, by, codec)
         ids.append(cid)
         datas.append(data)
         if len(ids) >= CHUNK:
@@ -135,7 +140,9 @@ def add_child_task(child_id: Any, payload: Any, state: Mapping[str, Any]) -> Non
     """Add one child; see ``add_children_tasks``."""
     ctx = _attempt_for(state, "add_child_task")
     ctx.token.raise_if_cancelled()
-    cid, data = _encode_child(ctx.task_name, (child_id, payload), ctx.child_json or "null")
+    cid, data = _encode_child(
+        ctx.task_name, (child_id, payload), ctx.child_json or "null", ctx.codec
+    )
     _wait(ctx, ctx.send_children([cid], [data], final=True))
 
 
@@ -164,8 +171,9 @@ def results(state: Mapping[str, Any], task: str) -> Iterator[tuple[Any, Any]]:
 
     :raises ValueError: if ``task`` is not a task of the flow.
     """
-    _check_task(state, task)
-    return state["store"].results(state["run_id"], task)  # type: ignore[no-any-return]
+    flow = _check_task(state, task)
+    codec = None if flow is None else flow.codec
+    return state["store"].results(state["run_id"], task, codec)  # type: ignore[no-any-return]
 
 
 def output(state: Mapping[str, Any], task: str) -> Any:
@@ -178,9 +186,9 @@ def output(state: Mapping[str, Any], task: str) -> Any:
     :raises ValueError: if ``task`` is not a task of the flow, or has not returned in this
         run (yet): call it from a stage that comes after ``task``, or from its children.
     """
-    _check_task(state, task)
+    flow = _check_task(state, task)
     run_id = state["run_id"]
-    found, value = state["store"].output(run_id, task)
+    found, value = state["store"].output(run_id, task, None if flow is None else flow.codec)
     if not found:
         raise ValueError(
             f"task {task!r} has not returned in run {run_id} (yet), so it has no output; read "
@@ -189,9 +197,11 @@ def output(state: Mapping[str, Any], task: str) -> Any:
     return value
 
 
-def _check_task(state: Mapping[str, Any], task: str) -> None:
+def _check_task(state: Mapping[str, Any], task: str) -> Any:
+    """The run's flow definition (None in a state without one), once ``task`` is found in it."""
     flow = state.get("task_flow")
     if flow is not None and task not in flow.tasks:
         raise ValueError(
             f"flow {flow.name!r} has no task {task!r}; its tasks are {sorted(flow.tasks)}"
         )
+    return flow

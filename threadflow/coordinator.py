@@ -214,6 +214,10 @@ class Attempt:
     def has_children(self) -> bool:
         return self.stage.spec.child_task_func is not None
 
+    @property
+    def codec(self) -> Any:
+        return self.coord.definition.codec
+
     def send_children(self, ids: list[str], datas: list[str], final: bool) -> Reply:
         reply = Reply()
         self.coord.post(AddChildren(self.uid, ids, datas, reply, final))
@@ -698,7 +702,7 @@ class Coordinator:
         elif isinstance(msg, Carried):
             self._on_carried(msg.uid, msg.data, msg.ids, msg.datas)
         elif isinstance(msg, StartRun):
-            self._on_start(msg.handle, msg.entrance, msg.inputs)
+            self._on_start(msg.handle, msg.entrance, msg.inputs, msg.inputs_coded)
         elif isinstance(msg, ReplayRun):
             self._on_replay(msg.handle, msg.history, msg.reply)
         elif isinstance(msg, ResumeRuns):
@@ -774,7 +778,13 @@ class Coordinator:
         self._after.append((handle, result))
         return True
 
-    def _on_start(self, handle: RunHandle, entrance: str, inputs: dict[str, Any]) -> None:
+    def _on_start(
+        self,
+        handle: RunHandle,
+        entrance: str,
+        inputs: dict[str, Any],
+        inputs_coded: str | None = None,
+    ) -> None:
         d = self.definition
         state = self._new_state(handle, 0, inputs)
         if self._refuse_if_stopping(handle, state):
@@ -807,7 +817,7 @@ class Coordinator:
                     "import": d.import_path,
                     "server": str(self.core.name),
                     "entrance": entrance,
-                    "inputs": inputs,
+                    **({"inputs_coded": inputs_coded} if inputs_coded else {"inputs": inputs}),
                     "pid": os.getpid(),
                     "host": self._host,
                     "definition": definition,
@@ -845,7 +855,10 @@ class Coordinator:
         here, in this turn's transaction, so that two replays of one run cannot both win.
         """
         d = self.definition
-        state = self._new_state(handle, history.segments, history.inputs)
+        inputs = history.inputs
+        if history.inputs_coded is not None and d.codec is not None:
+            inputs = d.codec.loads(history.inputs_coded)
+        state = self._new_state(handle, history.segments, inputs)
         if self._refuse_if_stopping(handle, state):
             reply.set()
             return

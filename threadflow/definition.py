@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import FlowDefinitionError, ReplayError
-from .events import RunHistory
+from .events import RunHistory, codec_ref
 
 #: ``next=ALL_OVER`` ends a branch; the run is over when every branch has reached it.
 ALL_OVER = "all_over"
@@ -154,6 +154,8 @@ class FlowDefinition:
     #: ``module:Class`` by which a fresh interpreter imports the flow (what ``threadflow replay``
     #: uses when no ``--flow`` is given), or None for a class it cannot import by name.
     import_path: str | None = None
+    #: The flow's ``codec`` (None: plain JSON only).
+    codec: Any = None
 
     def reachable(self, entrance: str) -> frozenset[str]:
         """The tasks a run started at ``entrance`` can reach."""
@@ -396,6 +398,22 @@ def check_flow(cls: type) -> FlowDefinition | None:
             f"flow {flow!r}: default_entrance={entrance!r} is not a task"
             f"{_suggest(entrance, tasks)}; tasks are {sorted(tasks)}"
         )
+    codec = getattr(cls, "codec", None)
+    if codec is not None and not (
+        callable(getattr(codec, "dumps", None)) and callable(getattr(codec, "loads", None))
+    ):
+        raise FlowDefinitionError(
+            f"flow {flow!r}: codec={codec!r} has no dumps() and loads(); give an object with "
+            "dumps(value) -> str and loads(str) -> value, such as a module"
+        )
+    if codec is not None and any(t.isolation == "subprocess" for t in tasks.values()):
+        try:
+            pickle.dumps(codec_ref(codec))
+        except Exception as exc:
+            raise FlowDefinitionError(
+                f"flow {flow!r}: codec={codec!r} cannot travel to a subprocess attempt ({exc}); "
+                "use a module, or an object defined at the top level of a module"
+            ) from None
     module = getattr(cls, "__module__", "") or ""
     importable = module not in ("", "__main__") and "<" not in cls.__qualname__
     return FlowDefinition(
@@ -404,6 +422,7 @@ def check_flow(cls: type) -> FlowDefinition | None:
         entrance,
         MappingProxyType({n: frozenset(p) for n, p in preds.items()}),
         f"{module}:{cls.__qualname__}" if importable else None,
+        codec,
     )
 
 

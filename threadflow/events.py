@@ -26,11 +26,13 @@ receivers) passes through here before it reaches the store, where hostile values
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import re
 import socket
 import traceback
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,12 +233,13 @@ def error_json(exc: BaseException, **extra: Any) -> str:
     return json.dumps({"error": error_data(exc), **extra})
 
 
-def encode_result(value: Any) -> str | None:
+def encode_result(value: Any, codec: Any = None) -> str | None:
     """A task's return value as the ``data`` of its ``task_over`` event.
 
-    Nothing is lost in silence: a value JSON cannot hold (a ``pathlib.Path``, a ``datetime``,
-    ``nan``, an int too long to print, a cycle) fails the attempt, without retries, rather
-    than being stored as something else.
+    Plain data is stored as JSON (``{"result": ...}``). A value of another type goes through
+    the flow's ``codec`` when it has one (``{"coded": "<codec.dumps(value)>"}``). Nothing is
+    lost in silence: a value neither can hold (a ``pathlib.Path`` without a codec, ``nan``, an
+    int too long to print, a cycle) fails the attempt, without retries.
 
     :raises EncodeError: for such a value, naming its type and what to return instead.
     """
@@ -245,11 +248,60 @@ def encode_result(value: Any) -> str | None:
     try:
         text = _compact(value)
     except (TypeError, ValueError) as exc:
+        if codec is not None:
+            return json.dumps({"coded": coded(codec, value, "the task's return value")})
         raise EncodeError(
             f"the task returned a {_type_name(type(value))} that cannot be stored: "
             f"{_why(value, exc)}"
+            + ("" if codec is not None else "; or give the flow a codec (see docs)")
         ) from None
     return '{"result":' + _utf8(text, value) + "}"
+
+
+def coded(codec: Any, value: Any, what: str) -> str:
+    """``codec.dumps(value)``, checked to be text.
+
+    :raises EncodeError: if the codec raises or does not return a ``str``.
+    """
+    try:
+        text = codec.dumps(value)
+    except Exception as exc:
+        raise EncodeError(
+            f"{what} (a {_type_name(type(value))}) cannot be stored: the flow's codec raised "
+            f"{describe(exc)['type']}: {describe(exc)['message']}"
+        ) from None
+    if not isinstance(text, str):
+        raise EncodeError(
+            f"the flow's codec returned a {_type_name(type(text))} for {what}; "
+            "codec.dumps(value) must return a str"
+        )
+    return text
+
+
+def decoded(data: dict[str, Any] | None, key: str, codec: Any) -> Any:
+    """The value stored under ``key`` of event data, or the one the codec stored as
+    ``"coded"``: decoded with ``codec``, or its text when no codec is given."""
+    if not data:
+        return None
+    if "coded" in data:
+        text = data["coded"]
+        return codec.loads(text) if codec is not None else text
+    return data.get(key)
+
+
+def codec_ref(codec: Any) -> Any:
+    """How a codec travels to another process: a module by its name, anything else as is
+    (pickled by reference, as functions are)."""
+    if isinstance(codec, types.ModuleType):
+        return ("module", codec.__name__)
+    return codec
+
+
+def codec_of(ref: Any) -> Any:
+    """The codec a :func:`codec_ref` names."""
+    if isinstance(ref, tuple) and len(ref) == 2 and ref[0] == "module":
+        return importlib.import_module(ref[1])
+    return ref
 
 
 # -- the fold --------------------------------------------------------------------------------
@@ -368,6 +420,8 @@ class RunHistory:
     inputs: dict[str, Any] = field(default_factory=dict)
     #: ``module:Class`` of the flow that started it, when importable: what replays it.
     flow_import: str | None = None
+    #: The inputs as the flow's codec wrote them, when JSON could not hold them.
+    inputs_coded: str | None = None
     started: str | None = None  #: ts of its flow_started
     ended: str | None = None  #: ts of the final event of its last segment; None while open
     outcome: str | None = None
@@ -411,6 +465,8 @@ class RunHistory:
                 self.definition = data.get("definition")
                 inputs = data.get("inputs")
                 self.inputs = inputs if isinstance(inputs, dict) else {}
+                coded_inputs = data.get("inputs_coded")
+                self.inputs_coded = coded_inputs if isinstance(coded_inputs, str) else None
                 flow_import = data.get("import")
                 self.flow_import = flow_import if isinstance(flow_import, str) else None
                 self.started = ev.ts

@@ -38,7 +38,7 @@ from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
 from .cancel import CancelToken
 from .errors import CancelledError, DuplicateChildError, ThreadflowError
-from .events import decode_id, error_json
+from .events import codec_of, codec_ref, decode_id, error_json
 from .isolation import ThreadPool
 from .messages import Carried, Done, Reply
 
@@ -207,6 +207,7 @@ class RemotePool:
                 func,
                 self._copier.blobs(att),
                 left,
+                codec_ref(att.coord.definition.codec),
             )
             future = self._executor.submit(_run_remote, job)
         except Exception as exc:  # e.g. the executor was shut down, or the job does not pickle
@@ -407,10 +408,10 @@ def _run_remote(job: tuple[Any, ...]) -> tuple[Any, ...]:
 
     :returns: ``("over", data, child_ids, child_datas)`` or ``("exit", exc_blob, data)``.
     """
-    _, task, child_json, data_json, has_children, run_id, func, blobs, left = job
+    _, task, child_json, data_json, has_children, run_id, func, blobs, left, codec = job
     token = _DeadlineToken(None if left is None else monotonic() + left)
     carried = _Carried(task)
-    ctx = RemoteAttempt(token, carried, task, child_json, has_children, run_id)
+    ctx = RemoteAttempt(token, carried, task, child_json, has_children, run_id, codec_of(codec))
     outcome = run_job(ctx, data_json, func, blobs, "the executor's worker")
     if outcome[0] == "over":
         return (*outcome, carried.ids, carried.datas)

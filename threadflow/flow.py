@@ -23,7 +23,7 @@ from . import server, signals
 from ._clock import utcnow
 from .definition import RESERVED, FlowDefinition, check_flow, check_same_flow
 from .errors import EncodeError, FlowDefinitionError, ThreadflowError
-from .events import dumps
+from .events import coded, dumps
 from .messages import ReplayRun, Reply, ResumeRuns, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
@@ -35,10 +35,11 @@ _F = TypeVar("_F", bound="Flow")
 
 
 def _checked_inputs(
-    server: str, extra: Mapping[str, Any], inputs: dict[str, Any]
-) -> dict[str, Any]:
+    server: str, extra: Mapping[str, Any], inputs: dict[str, Any], codec: Any = None
+) -> tuple[dict[str, Any], str | None]:
     """The run's inputs as a replay will see them: encoded now (so that a value JSON cannot
-    hold fails here, in the caller), and decoded back.
+    hold fails here, in the caller), and decoded back; and their codec text when JSON cannot
+    hold them and the flow has a codec.
 
     :raises TypeError: for a name threadflow or ``start_link`` already puts in the state.
     :raises EncodeError: for a value that cannot be stored.
@@ -56,17 +57,20 @@ def _checked_inputs(
             "give the run's inputs other names"
         )
     if not inputs:
-        return {}
+        return {}, None
     try:
         text = dumps(inputs)
     except EncodeError as exc:
+        if codec is not None:
+            coded_text = coded(codec, inputs, "the run's inputs")
+            return codec.loads(coded_text), coded_text
         raise EncodeError(
             f"start_flow(): the inputs cannot be stored in the run's log: {exc}; inputs are "
             "recorded so that a replay gets them back, so pass plain data (objects shared "
             "with the tasks go to start_link(**extra_state))"
         ) from None
     decoded: dict[str, Any] = json.loads(text)
-    return decoded
+    return decoded, None
 
 
 if TYPE_CHECKING:
@@ -142,6 +146,9 @@ class Flow:
     fsync: ClassVar[bool] = False
     commit_every: ClassVar[float] = 0.02
     store_mode: ClassVar[int] = 0o600
+    #: Stores what JSON cannot hold (``Path``, ``datetime``, dataclasses): an object with
+    #: ``dumps(value) -> str`` and ``loads(str) -> value``, used only for values JSON refuses.
+    codec: ClassVar[Any] = None
     _server_name: ClassVar[Any] = None
     # Set on each server by start_link(): its name, slot and stopped flag (the core, shared
     # with the coordinator through its methods), and its coordinator.
@@ -319,11 +326,13 @@ class Flow:
         definition = self._coord.definition
         entrance = definition.default_entrance if entrance is None else entrance
         definition.check_entrance(entrance)
-        recorded = _checked_inputs(str(self._core.name), self._coord.extra, inputs)
+        recorded, coded_text = _checked_inputs(
+            str(self._core.name), self._coord.extra, inputs, definition.codec
+        )
         handle = self._core.take_slot(
             uuid.uuid4().hex[:12], utcnow(), self._coord.store, self._coord.ask_cancel
         )
-        self._coord.post(StartRun(handle, entrance, recorded))
+        self._coord.post(StartRun(handle, entrance, recorded, coded_text))
         return handle
 
     def cancel(self, run_id: str, reason: str = "cancelled") -> None:
@@ -372,7 +381,7 @@ class Flow:
                     if cls.definition is not None and entrance is not None:
                         cls.definition.check_entrance(entrance)
                     path = os.fspath(store) if store is not None else default_path()
-                    recorded = _checked_inputs(str(name_or_server), {}, inputs)
+                    recorded, _ = _checked_inputs(str(name_or_server), {}, inputs)
                     return request_start(path, name_or_server[1], entrance, recorded)
                 raise ThreadflowError(
                     f"no server named {name_or_server!r} is running; start it with "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import monotonic
 from .cancel import enter_attempt
-from .events import decode_id, encode_result, error_json
+from .events import decode_id, decoded, encode_result, error_json
 from .messages import Done
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def run_attempt(first: Attempt) -> None:
             first.returned = True
         return
     post = first.coord.post
+    codec = first.coord.definition.codec
     worker = threading.current_thread().name
     att: Attempt | None = first
     while att is not None:
@@ -53,9 +54,10 @@ def run_attempt(first: Attempt) -> None:
             if att.child_json is None:
                 value = spec.task_func(att.run.view)
             else:
-                child = (decode_id(att.child_json), json.loads(att.data or "{}").get("payload"))
+                payload = decoded(json.loads(att.data or "{}"), "payload", codec)
+                child = (decode_id(att.child_json), payload)
                 value = spec.child_task_func(child, att.run.view)
-            data = encode_result(value)
+            data = encode_result(value, codec)
             error = None
         except BaseException as exc:  # the engine decides; a worker never raises
             value, error, data = None, exc, error_json(exc)

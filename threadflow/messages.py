@@ -75,12 +75,13 @@ class Carried:
 
 @dataclass(slots=True)
 class StartRun:
-    """Start a run whose slot ``handle`` holds, at ``entrance``, with ``inputs`` (plain data,
-    already checked to encode)."""
+    """Start a run whose slot ``handle`` holds, at ``entrance``, with ``inputs`` (checked to
+    encode; ``inputs_coded`` is their codec text when JSON could not hold them)."""
 
     handle: RunHandle
     entrance: str
     inputs: dict[str, Any]
+    inputs_coded: str | None = None
 
 
 @dataclass(slots=True)
@@ -147,6 +148,10 @@ class AttemptContext(Protocol):
     @property
     def has_children(self) -> bool:
         """Whether the task has a ``child_task_func``, so that it may add children."""
+
+    @property
+    def codec(self) -> Any:
+        """The flow's codec for values JSON cannot hold, or None."""
 
     def send_children(self, ids: list[str], datas: list[str], final: bool) -> Reply:
         """Send a chunk of encoded children toward the coordinator; answered on the reply."""

@@ -50,7 +50,7 @@ from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, portable_
 from .cancel import CancelToken
 from .children import wait_reply
 from .errors import CancelledError, ProcessDiedError, signal_name
-from .events import error_data
+from .events import codec_of, codec_ref, error_data
 from .messages import Done, Reply
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class ProcessPool:
             run.run_id,
             blob,
             self._copier.blobs(att),
+            codec_ref(self._coord.definition.codec),
         )
         return pickle.dumps(job, _PICKLE)
 
@@ -584,6 +585,6 @@ def worker_main(conn: Any, preload: tuple[bytes, ...] = ()) -> None:
 
 
 def _run_job(link: _Link, token: CancelToken, job: bytes) -> tuple[Any, ...]:
-    task, child_json, data_json, has_children, run_id, func_blob, blobs = pickle.loads(job)
-    ctx = RemoteAttempt(token, link, task, child_json, has_children, run_id)
+    task, child_json, data_json, has_children, run_id, func_blob, blobs, codec = pickle.loads(job)
+    ctx = RemoteAttempt(token, link, task, child_json, has_children, run_id, codec_of(codec))
     return run_job(ctx, data_json, func_blob, blobs, "its worker process")

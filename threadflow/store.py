@@ -48,6 +48,7 @@ from .events import (
     Event,
     RunHistory,
     decode_id,
+    decoded,
     fold,
     owner_alive,
     run_status,
@@ -1213,7 +1214,7 @@ class EventStore:
         """A :class:`Follower`: the fold of ``run_id``, updated as its log grows."""
         return Follower(self, run_id)
 
-    def output(self, run_id: str, task: str) -> tuple[bool, Any]:
+    def output(self, run_id: str, task: str, codec: Any = None) -> tuple[bool, Any]:
         """``(True, value)``: what ``task``'s parent attempt returned in run ``run_id`` (its
         last success, whatever the segment); ``(False, None)`` if it has not returned."""
         conn = self._connect()
@@ -1227,12 +1228,13 @@ class EventStore:
             conn.close()
         if row is None:
             return False, None
-        return True, json.loads(row[0]).get("result") if row[0] else None
+        return True, decoded(json.loads(row[0]) if row[0] else None, "result", codec)
 
-    def results(self, run_id: str, task: str) -> Iterator[tuple[Any, Any]]:
+    def results(self, run_id: str, task: str, codec: Any = None) -> Iterator[tuple[Any, Any]]:
         """``(child_id, result)`` of the finished children of ``task``, in the order added.
 
-        Streams: rows are read in batches, never all at once.
+        Streams: rows are read in batches, never all at once. A result the flow's codec stored
+        is decoded with ``codec`` (without one, it comes as the codec's text).
         """
         conn = self._connect()
         try:
@@ -1244,6 +1246,9 @@ class EventStore:
             )
             while batch := cur.fetchmany(1000):
                 for cid, data in batch:
-                    yield decode_id(cid), json.loads(data).get("result") if data else None
+                    yield (
+                        decode_id(cid),
+                        decoded(json.loads(data) if data else None, "result", codec),
+                    )
         finally:
             conn.close()
