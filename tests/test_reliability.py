@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import pathlib
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -496,3 +497,42 @@ def test_a_stop_within_kill_grace_of_a_timeout_still_records_the_kill(store_path
     [stale] = events(store_path, result.run_id, "stale")
     assert stale.data["process"]["killed"] == "timeout"
     assert stale.data["process"]["signal"] == "SIGKILL"
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    import threadflow
+    from threadflow import ALL_OVER, Flow, task
+
+    def hang(state):
+        print("running", flush=True)
+        threadflow.current_token().wait(60)
+
+    class Hangs(Flow):
+        stop_grace = 0.5
+        only = task(task_func=hang, next=ALL_OVER)
+
+    Hangs.run(store=sys.argv[1])
+    """
+)
+
+
+def test_ctrl_c_in_flow_run_records_the_run_interrupted_and_says_how_to_replay(store_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, store_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_GUARD)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0  # the KeyboardInterrupt still ends the program
+    [info] = EventStore(store_path).runs()
+    assert info.status == "interrupted"
+    assert f"Run {info.run_id} is recorded interrupted: continue it with Hangs.replay(" in err
+    assert f"threadflow replay {info.run_id} --db {store_path}" in err
