@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .cancel import CancelToken, enter_attempt
 from .errors import ThreadflowError
-from .events import decode_id, decoded, encode_result, error_data
+from .events import decode_id, decode_payload, encode_result, error_data
 from .messages import Reply
 
 PICKLE = pickle.HIGHEST_PROTOCOL
@@ -231,8 +231,7 @@ def run_job(
             value = func(view)
         else:
             assert data_json is not None
-            payload = decoded(json.loads(data_json), "payload", ctx.codec)
-            value = func((decode_id(ctx.child_json), payload), view)
+            value = func((decode_id(ctx.child_json), decode_payload(data_json, ctx.codec)), view)
         return ("over", encode_result(value, ctx.codec))
     except BaseException as exc:
         blob: bytes | None

@@ -126,7 +126,24 @@ def _to_tuple(value: Any) -> Any:
 
 def decode_id(text: str | None) -> Any:
     """A stored child id as Python: JSON lists become (hashable) tuples."""
-    return None if text is None else _to_tuple(json.loads(text))
+    if text is None:
+        return None
+    # Most ids are ints, written as their decimal text: no JSON parser for them.
+    digits = text[1:] if text[:1] == "-" else text
+    if digits.isdigit() and digits.isascii():
+        return int(text)
+    return _to_tuple(json.loads(text))
+
+
+#: A child's data when its payload is None (the common case), as children.py writes it.
+_NULL_PAYLOAD = '{"payload":null,"by":'
+
+
+def decode_payload(data: str | None, codec: Any) -> Any:
+    """A child's payload from its ``child_added`` data (what ``children.py`` wrote)."""
+    if data is None or (data.startswith(_NULL_PAYLOAD) and '"coded"' not in data):
+        return None
+    return decoded(json.loads(data), "payload", codec)
 
 
 # -- encoding --------------------------------------------------------------------------------

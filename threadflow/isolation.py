@@ -9,7 +9,6 @@ raise into the engine and never touch run state (one owner: the coordinator).
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import monotonic
 from .cancel import enter_attempt
-from .events import decode_id, decoded, encode_result, error_json
+from .events import decode_id, decode_payload, encode_result, error_json
 from .messages import Done
 
 if TYPE_CHECKING:
@@ -54,8 +53,7 @@ def run_attempt(first: Attempt) -> None:
             if att.child_json is None:
                 value = spec.task_func(att.run.view)
             else:
-                payload = decoded(json.loads(att.data or "{}"), "payload", codec)
-                child = (decode_id(att.child_json), payload)
+                child = (decode_id(att.child_json), decode_payload(att.data, codec))
                 value = spec.child_task_func(child, att.run.view)
             data = encode_result(value, codec)
             error = None
