@@ -36,6 +36,7 @@ from typing import Any
 from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
 from .events import (
+    ABANDONED,
     CHILD_ADDED,
     EXIT,
     FINAL_KINDS,
@@ -922,9 +923,25 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     The fold reads the few events that carry decisions (run and stage ends, releases,
     failures, parent attempts) one by one; a child's ``child_added``, ``task_started`` and
     ``task_over``, nearly all of a big log, are counted from the index instead of decoded. The
-    result equals the plain fold field by field (``tests/test_fold.py`` checks it on random
-    logs): this is that same function, faster, not a second definition.
+    result equals the plain fold field by field, what it keeps to go on counting included
+    (``tests/test_fold.py`` checks it on random logs): this is that same function, faster, not
+    a second definition. So it may be fed the events written after ``last_seq`` one by one, as
+    :class:`Follower` does.
+
+    Its queries read one snapshot of the store (a read transaction), so a run that is being
+    written is folded as it stood at one moment.
     """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _fold_run(conn, run_id)
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     decoded = ",".join(f"'{kind}'" for kind in KINDS if kind not in _COUNTED)
     cur = conn.execute(
         f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? AND kind IN ({decoded}) "
@@ -960,17 +977,13 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
             elif kind == TASK_OVER:
                 t[3] = children
     added: dict[str, int] = {}  # child_added rows of the open segment
-    open_attempts: dict[str, int] = {}  # started minus ended, in the open segment
+    running: dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]] = {}
     if seg_open:
-        for kind, task, n, children, *_ in last:
+        for kind, task, n, *_ in last:
             if kind == CHILD_ADDED:
                 added[task] = n
-            elif kind == TASK_STARTED:
-                open_attempts[task] = open_attempts.get(task, 0) + children
-            elif kind in (TASK_OVER, EXIT, TIMEOUT):
-                open_attempts[task] = open_attempts.get(task, 0) - children
-        for task, n in _abandoned_running(conn, run_id, spans[-1].seq).items():
-            open_attempts[task] = open_attempts.get(task, 0) - n
+        if any(kind == TASK_STARTED and children for kind, _, _, children, *_ in last):
+            running = _running_children(conn, run_id, spans[-1].seq)
     # A segment without a final event ends at its last event: for the last one, the run's
     # last; for an earlier one (a crash, then a replay), the last before the next segment.
     ends = {len(spans) - 1: last_seq} if seg_open else {}
@@ -985,6 +998,7 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     ts_of = _timestamps(conn, sorted(wanted))
     history.events = sum(row[2] for row in rows)
     history.first_ts, history.last_ts = ts_of[first_seq], ts_of[last_seq]
+    history.last_seq = last_seq
     for i, seq in ends.items():
         spans[i].end = ts_of[seq]
     failures = _child_failures(conn, run_id)
@@ -993,11 +1007,11 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
         task.first_ts, task.last_ts = ts_of[lo], ts_of[hi]
         task.children_started, task.children_done = started, done
         task._seg_added = added.get(name, 0)
-        task._settle(seg_open)
-        task.children_failed, task.children_tolerated, task.children_recovered = failures.get(
-            name, (0, 0, 0)
+        task._failed, task._tolerated, task.children_recovered = failures.get(
+            name, (set(), set(), 0)
         )
-        task.children_running = open_attempts.get(name, 0) if seg_open else 0
+        task._open = running.get(name, {})
+        task._settle(seg_open)
     return history
 
 
@@ -1010,8 +1024,11 @@ def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     return found
 
 
-def _child_failures(conn: sqlite3.Connection, run_id: str) -> dict[str, tuple[int, int, int]]:
-    """Per task: children failed (no ``task_over``), of those tolerated, and recovered."""
+def _child_failures(
+    conn: sqlite3.Connection, run_id: str
+) -> dict[str, tuple[set[int], set[int], int]]:
+    """Per task: the refs of children failed (no ``task_over``) and of those tolerated, and how
+    many recovered (failed, then over)."""
     rows = conn.execute(
         "SELECT f.task, f.ref, json_extract(f.data, '$.tolerated'), EXISTS (SELECT 1 FROM events o "
         f"WHERE o.run_id = f.run_id AND o.kind = '{TASK_OVER}' AND o.task = f.task "
@@ -1023,29 +1040,37 @@ def _child_failures(conn: sqlite3.Connection, run_id: str) -> dict[str, tuple[in
     for task, ref, tolerated, over in rows:
         seen = children.setdefault((task, ref), [False, bool(over)])
         seen[0] = seen[0] or bool(tolerated)
-    counts: dict[str, tuple[int, int, int]] = {}
-    for (task, _), (tolerated, over) in children.items():
-        failed, kept, recovered = counts.get(task, (0, 0, 0))
+    found: dict[str, tuple[set[int], set[int], int]] = {}
+    for (task, ref), (tolerated, over) in children.items():
+        failed, kept, recovered = found.get(task, (set(), set(), 0))
         if over:
             recovered += 1
         else:
-            failed += 1
-            kept += tolerated
-        counts[task] = (failed, kept, recovered)
-    return counts
+            failed.add(ref)
+            if tolerated:
+                kept.add(ref)
+        found[task] = (failed, kept, recovered)
+    return found
 
 
-def _abandoned_running(conn: sqlite3.Connection, run_id: str, since: int) -> dict[str, int]:
-    """Per task: child attempts of the segment from seq ``since`` that ended by ``abandoned``
-    (a stop that did not wait for them), not after their ``timeout``."""
+def _running_children(
+    conn: sqlite3.Connection, run_id: str, since: int
+) -> dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]]:
+    """Per task: the child attempts of the segment from seq ``since`` that started and have no
+    outcome (``task_over``, ``exit``, ``timeout``, or ``abandoned`` by a stop that did not wait
+    for them), as the fold keeps them: ``(ref, attempt) -> (seq, ts, child id)``."""
     rows = conn.execute(
-        "SELECT a.task, count(*) FROM events a WHERE a.run_id = ? AND a.kind = 'abandoned' "
-        "AND a.ref IS NOT NULL AND a.seq >= ? AND NOT EXISTS (SELECT 1 FROM events t "
-        "WHERE t.run_id = a.run_id AND t.kind = 'timeout' AND t.task = a.task AND t.ref = a.ref "
-        "AND t.attempt IS a.attempt AND t.seq >= ? AND t.seq < a.seq) GROUP BY a.task",
-        (run_id, since, since),
+        f"SELECT s.task, s.ref, s.attempt, s.seq, s.ts, s.child_id FROM events s "
+        f"WHERE s.run_id = ? AND s.kind = '{TASK_STARTED}' AND s.ref IS NOT NULL "
+        f"AND s.seq >= ? AND NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = s.run_id "
+        f"AND e.kind IN ('{TASK_OVER}', '{EXIT}', '{TIMEOUT}', '{ABANDONED}') "
+        "AND e.task = s.task AND e.ref = s.ref AND e.attempt IS s.attempt AND e.seq > s.seq)",
+        (run_id, since),
     )
-    return dict(rows.fetchall())
+    found: dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]] = {}
+    for task, ref, attempt, seq, ts, child_id in rows:
+        found.setdefault(task, {})[(ref, attempt)] = (seq, ts, decode_id(child_id))
+    return found
 
 
 def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
@@ -1059,40 +1084,63 @@ def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
 
 
 class Follower:
-    """The fold of one run, kept up to date as its log grows (the live progress reads it).
+    """The fold of one run, kept up to date as its log grows (``RunHandle.progress()`` and the
+    live progress of the command line read it).
 
-    Each :meth:`update` folds only the events written since the last one: the first reads the
-    run's events through the index, the next ones the rows after the last seq seen, so
-    following a run costs what it writes. Not thread-safe: one reader thread.
+    The first :meth:`update` folds the run with :func:`fold_run` (SQLite counts its bulk, so a
+    run of a million events is read in a fraction of a second); each later one folds, one by
+    one, only the events written since (a range of rowids), so following a run costs what it
+    writes. Not thread-safe: one thread at a time (the caller's lock); a connection is opened
+    for the thread that calls, as SQLite connections belong to the thread that made them.
     """
 
     def __init__(self, store: EventStore, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
         self.history = RunHistory(run_id)
-        self._seq = 0
         self._conn: sqlite3.Connection | None = None
+        self._thread: int | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._thread != threading.get_ident():
+            self.close()
+        if self._conn is None:
+            self._conn = self.store._connect()
+            self._thread = threading.get_ident()
+        return self._conn
 
     def update(self) -> RunHistory:
         """Fold the events committed since the last call; return the fold."""
-        if self._conn is None:
-            self._conn = self.store._connect()
-        if self._seq == 0:
-            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? ORDER BY seq"
-            params: tuple[Any, ...] = (self.run_id,)
-        else:
-            # A rowid range: only what was written since (by any run), filtered to this run.
-            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE seq > ? AND +run_id = ? ORDER BY seq"
-            params = (self._seq, self.run_id)
-        for ev in _decoded(self._conn.execute(sql, params)):
+        conn = self._connection()
+        if not self.history.events:
+            self.history = fold_run(conn, self.run_id)
+            return self.history
+        # A rowid range: only what was written since (by any run), filtered to this run. Rows
+        # are numbered in commit order (one writer at a time), so none can appear below it.
+        sql = f"SELECT {_FOLD_SELECT} FROM events WHERE seq > ? AND +run_id = ? ORDER BY seq"
+        for ev in _decoded(conn.execute(sql, (self.history.last_seq, self.run_id))):
             self.history.add(ev)
-            self._seq = ev.seq
         return self.history
 
+    def status(self) -> str | None:
+        """The run's status as of the last :meth:`update` (:func:`threadflow.events.run_status`):
+        the fold's outcome, or for an open segment ``running`` or ``interrupted`` by its owner
+        in the ``runs`` row; None while the store has no such run."""
+        if self.history.outcome is not None:
+            return self.history.outcome
+        row = (
+            self._connection()
+            .execute("SELECT pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,))
+            .fetchone()
+        )
+        return None if row is None else run_status(None, *row)
+
     def close(self) -> None:
+        """Close its connection (the next :meth:`update` opens another)."""
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(sqlite3.ProgrammingError):  # made by another thread
+                conn.close()
 
 
 class EventStore:
