@@ -40,6 +40,7 @@ from .events import (
     CHILD_ADDED,
     EXIT,
     FINAL_KINDS,
+    FLOW_STARTED,
     FOLD_DATA_KINDS,
     KINDS,
     REPLAYED,
@@ -1015,6 +1016,145 @@ def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     return history
 
 
+#: Kinds after which the fold starts a new segment: a range that holds one is folded afresh.
+_SEGMENT_STARTS = (FLOW_STARTED, REPLAYED)
+#: Kinds that end a child attempt (the fold's running attempts lose it).
+_ATTEMPT_ENDS = (TASK_OVER, EXIT, TIMEOUT, ABANDONED)
+
+
+def fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
+    """``history`` with the events of its run written after ``history.last_seq`` folded in,
+    computed mostly by SQLite, as :func:`fold_run` is (the same function: ``tests/test_fold.py``
+    checks that going on this way from any point gives the plain fold).
+
+    Only the new rows are read: a child's ``child_added``, ``task_started`` and ``task_over``
+    are counted, the running attempts found by their index, the few other events decoded one
+    by one. So following a run costs SQLite work in proportion to what it writes, and almost no
+    Python work (the GIL stays with the run's own threads). A range that starts a new segment
+    (a ``replayed`` event) is folded afresh with :func:`fold_run`: a replay happens once.
+
+    :returns: the fold: ``history`` itself, changed, or a new one.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _fold_since(conn, history)
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
+    run_id, since = history.run_id, history.last_seq
+    # A rowid range (seq > since), filtered to the run: only the rows written since are read.
+    new = f"FROM events WHERE seq > {int(since)} AND +run_id = ?"
+    rows = conn.execute(
+        f"SELECT kind, task, count(*), count(ref), min(seq), max(seq) {new} GROUP BY kind, task",
+        (run_id,),
+    ).fetchall()
+    if not rows:
+        return history
+    if any(kind in _SEGMENT_STARTS for kind, *_ in rows):
+        return fold_run(conn, run_id)
+    # Tasks are made in the order of their first event, as the plain fold makes them.
+    firsts: dict[str, int] = {}
+    lasts: dict[str, int] = {}
+    for _, task, _, _, lo, hi in rows:
+        if task is not None:
+            firsts[task] = min(firsts.get(task, lo), lo)
+            lasts[task] = max(lasts.get(task, hi), hi)
+    for task in sorted(firsts, key=firsts.__getitem__):
+        history.task_history(task)
+    last_seq = max(row[5] for row in rows)
+    total = sum(row[2] for row in rows)
+    # The bulk, counted: children added, child attempts started and over.
+    over = False
+    for kind, task, n, children, *_ in rows:
+        if task is None:
+            continue
+        t = history.tasks[task]
+        if kind == CHILD_ADDED:
+            t._seg_added += n
+        elif kind == TASK_STARTED:
+            t.children_started += children
+        elif kind == TASK_OVER:
+            t.children_done += children
+            over = over or children > 0
+    # Running attempts: those that ended since leave, those that started since and have not
+    # ended join. Ends are looked up by the index, for the few attempts that were running.
+    for name, t in history.tasks.items():
+        if t._open:
+            for ref, attempt in _ended(conn, run_id, name, since, list(t._open)):
+                t._open.pop((ref, attempt), None)
+    for task, ref, attempt, seq, ts, child_id in conn.execute(
+        f"SELECT s.task, s.ref, s.attempt, s.seq, s.ts, s.child_id FROM events s "
+        f"WHERE s.seq > {int(since)} AND +s.run_id = ? AND s.kind = '{TASK_STARTED}' "
+        "AND s.ref IS NOT NULL AND NOT EXISTS (SELECT 1 FROM events e WHERE "
+        f"e.run_id = s.run_id AND e.kind IN {_ATTEMPT_ENDS!r} AND e.task = s.task "
+        "AND e.ref = s.ref AND e.attempt IS s.attempt AND e.seq > s.seq)",
+        (run_id,),
+    ):
+        history.tasks[task]._open[(ref, attempt)] = (seq, ts, decode_id(child_id))
+    # Children that failed before and are over now (a replay's segment): recovered.
+    if over and any(t._failed for t in history.tasks.values()):
+        for task, ref in conn.execute(
+            f"SELECT o.task, o.ref {new.replace('FROM events', 'FROM events o')} "
+            f"AND o.kind = '{TASK_OVER}' AND o.ref IS NOT NULL",
+            (run_id,),
+        ):
+            t = history.tasks[task]
+            if ref in t._failed:
+                t._failed.discard(ref)
+                t._tolerated.discard(ref)
+                t.children_recovered += 1
+    # The rest, decoded one by one in order: parents, failures, releases, ends.
+    decoded = ",".join(f"'{kind}'" for kind in KINDS if kind not in _COUNTED)
+    events, first_ts = history.events, history.first_ts
+    cur = conn.execute(
+        f"SELECT {_FOLD_SELECT} {new} AND (kind IN ({decoded}) OR (kind IN "
+        f"('{TASK_STARTED}', '{TASK_OVER}') AND ref IS NULL)) ORDER BY seq",
+        (run_id,),
+    )
+    ts_of = _timestamps(conn, sorted({last_seq, *firsts.values(), *lasts.values()}))
+    for name, seq in firsts.items():
+        t = history.tasks[name]
+        t.first_ts = t.first_ts or ts_of[seq]
+    for ev in _decoded(cur):
+        history.add(ev)
+    history.events, history.first_ts = events + total, first_ts
+    history.last_seq, history.last_ts = last_seq, ts_of[last_seq]
+    span = history.spans[-1] if history.spans else None
+    if span is not None and span.outcome is None:
+        span.end = history.last_ts
+    for name, seq in lasts.items():
+        history.tasks[name].last_ts = ts_of[seq]
+    for t in history.tasks.values():
+        t._settle(history.segment_open)
+    return history
+
+
+def _ended(
+    conn: sqlite3.Connection, run_id: str, task: str, since: int, attempts: list[tuple[int, Any]]
+) -> list[tuple[int, Any]]:
+    """Of ``attempts`` (``(ref, attempt)`` of ``task``), those with an end after seq ``since``."""
+    found: list[tuple[int, Any]] = []
+    for start in range(0, len(attempts), 400):
+        group = attempts[start : start + 400]
+        refs = ",".join(str(int(ref)) for ref, _ in group)
+        wanted = set(group)
+        found.extend(
+            (ref, attempt)
+            for ref, attempt in conn.execute(
+                f"SELECT ref, attempt FROM events WHERE run_id = ? AND kind IN {_ATTEMPT_ENDS!r} "
+                f"AND task = ? AND ref IN ({refs}) AND seq > {int(since)}",
+                (run_id, task),
+            )
+            if (ref, attempt) in wanted
+        )
+    return found
+
+
 def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     found: dict[int, str] = {}
     for start in range(0, len(seqs), 500):
@@ -1073,6 +1213,12 @@ def _running_children(
     return found
 
 
+def _row_status(row: tuple[Any, ...]) -> str:
+    """A run's status from its ``runs`` row and its last end (see ``_LAST_END``)."""
+    pid, host, heartbeat, last = row[7:11]
+    return run_status(None if last in (None, REPLAYED) else last, pid, host, heartbeat)
+
+
 def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
     """A ``runs`` row and its fold: the row says who owns the run, the log how it went."""
     run_id, flow, server, entrance, started, ended, outcome, pid, host, heartbeat = row
@@ -1088,10 +1234,11 @@ class Follower:
     live progress of the command line read it).
 
     The first :meth:`update` folds the run with :func:`fold_run` (SQLite counts its bulk, so a
-    run of a million events is read in a fraction of a second); each later one folds, one by
-    one, only the events written since (a range of rowids), so following a run costs what it
-    writes. Not thread-safe: one thread at a time (the caller's lock); a connection is opened
-    for the thread that calls, as SQLite connections belong to the thread that made them.
+    run of a million events is read in a fraction of a second); each later one folds only the
+    events written since, with :func:`fold_since` (SQLite again), so following a run costs what
+    it writes, and next to no Python work. Not thread-safe: one thread at a time (the caller's
+    lock); a connection is opened for the thread that calls, as SQLite connections belong to
+    the thread that made them.
     """
 
     def __init__(self, store: EventStore, run_id: str) -> None:
@@ -1114,12 +1261,10 @@ class Follower:
         conn = self._connection()
         if not self.history.events:
             self.history = fold_run(conn, self.run_id)
-            return self.history
-        # A rowid range: only what was written since (by any run), filtered to this run. Rows
-        # are numbered in commit order (one writer at a time), so none can appear below it.
-        sql = f"SELECT {_FOLD_SELECT} FROM events WHERE seq > ? AND +run_id = ? ORDER BY seq"
-        for ev in _decoded(conn.execute(sql, (self.history.last_seq, self.run_id))):
-            self.history.add(ev)
+        else:
+            # Rows are numbered in commit order (one writer at a time): none can appear below
+            # the last one seen.
+            self.history = fold_since(conn, self.history)
         return self.history
 
     def status(self) -> str | None:
@@ -1141,6 +1286,46 @@ class Follower:
             conn, self._conn = self._conn, None
             with contextlib.suppress(sqlite3.ProgrammingError):  # made by another thread
                 conn.close()
+
+
+class RunNotFound(KeyError):
+    """No run, or several runs, match a run id or prefix (:meth:`EventStore.run`).
+
+    :ivar prefix: the id or prefix given.
+    :ivar matches: the ids of the runs that match, oldest first (at most
+        :data:`RunNotFound.SHOWN`; empty for an unknown run).
+    :ivar count: how many runs match: 0 (unknown) or more than one (ambiguous).
+    """
+
+    SHOWN = 5
+
+    def __init__(self, path: str, prefix: str, matches: list[str], count: int) -> None:
+        if count == 0:
+            message = f"no run in {path!r} matches {prefix!r}"
+        else:
+            shown = ", ".join(matches[: self.SHOWN]) + (", …" if count > self.SHOWN else "")
+            message = f"{count} runs in {path!r} match {prefix!r} ({shown})"
+        super().__init__(message)
+        self.message = message
+        self.prefix = prefix
+        self.matches = matches[: self.SHOWN]
+        self.count = count
+
+    def __str__(self) -> str:  # KeyError would show the message as a repr, quoted
+        return self.message
+
+
+#: Run statuses :meth:`EventStore.runs` filters on.
+STATUSES = ("running", "interrupted", "cancelled", "failed_over", "all_over")
+#: Of those, the ones the log alone tells (the others depend on the owner's being alive).
+_LOGGED = ("cancelled", "failed_over", "all_over")
+#: The last kind that sets a run's outcome: its last final or ``replayed`` event (as the fold
+#: reads it), for a ``runs`` row.
+_LAST_END = (
+    "(SELECT e.kind FROM events e WHERE e.run_id = runs.run_id AND e.kind IN ("
+    + ",".join(f"'{kind}'" for kind in (*FINAL_KINDS, REPLAYED))
+    + ") ORDER BY e.seq DESC LIMIT 1)"
+)
 
 
 class EventStore:
@@ -1170,47 +1355,98 @@ class EventStore:
         check_readable(self.path)
 
     def _runs(
-        self, where: str = "", params: tuple[Any, ...] = (), limit: int | None = None
+        self,
+        where: str = "",
+        params: tuple[Any, ...] = (),
+        limit: int | None = None,
+        status: str | None = None,
     ) -> list[RunInfo]:
         conn = self._connect()
         try:
             sql = (
                 "SELECT run_id, flow, server, entrance, started, ended, outcome, pid, host, "
-                f"heartbeat FROM runs {where} ORDER BY started DESC, rowid DESC"
+                f"heartbeat, {_LAST_END} FROM runs {where} ORDER BY started DESC, rowid DESC"
             )
-            if limit is not None:
-                sql += f" LIMIT {int(limit)}"
+            if limit is not None and status in (None, *_LOGGED):
+                sql += f" LIMIT {int(limit)}"  # exact in SQL: no owner to look at
             rows = conn.execute(sql, params).fetchall()
-            return [_run_info(row, fold_run(conn, row[0])) for row in reversed(rows)]
+            if status is not None:
+                # The fold's outcome is the last end; an open segment is the owner's to tell.
+                rows = [r for r in rows if _row_status(r) == status][:limit]
+            infos = [_run_info(row[:10], fold_run(conn, row[0])) for row in reversed(rows)]
         finally:
             conn.close()
+        # The fold has the last word (a run may have ended since its row was read).
+        return infos if status is None else [i for i in infos if i.status == status]
 
-    def runs(self, *, flow: str | None = None, limit: int | None = None) -> list[RunInfo]:
+    def runs(
+        self, *, flow: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[RunInfo]:
         """Every run in the store, oldest first, each with its folded log (``RunInfo.history``).
 
+        The filters are applied before anything is folded: only the runs listed are.
+
         :param flow: only the runs of this flow (its class name).
-        :param limit: only the newest ``limit`` runs (still oldest first); only those are
-            folded.
+        :param status: only the runs of this :attr:`RunInfo.status`: ``"running"``,
+            ``"interrupted"`` (stopped, or unfinished with its owner gone: the runs a replay
+            can pick up), ``"cancelled"``, ``"failed_over"`` or ``"all_over"``.
+        :param limit: only the newest ``limit`` runs (still oldest first).
+        :raises ValueError: for another status.
         """
-        if flow is None:
-            return self._runs(limit=limit)
-        return self._runs("WHERE flow = ?", (flow,), limit)
+        if status is not None and status not in STATUSES:
+            raise ValueError(
+                f"runs(status={status!r}): a run's status is one of {', '.join(STATUSES)}"
+            )
+        where, params = ("", ()) if flow is None else ("WHERE flow = ?", (flow,))
+        if status in _LOGGED:
+            where += (" AND " if where else "WHERE ") + f"{_LAST_END} = ?"
+            params += (status,)
+        elif status is not None:  # running or interrupted: an open segment, or interrupted
+            where += (" AND " if where else "WHERE ") + (
+                f"coalesce({_LAST_END}, 'replayed') IN ('replayed', 'interrupted')"
+            )
+        return self._runs(where, params, limit, status)
 
     def run(self, run_id: str) -> RunInfo:
         """The run whose id is ``run_id`` or starts with it.
 
-        Only the matching runs are read (and folded), not the whole store.
+        Only that run is read (and folded), not the whole store.
 
-        :raises KeyError: if no run, or several runs, match.
+        :raises RunNotFound: (a ``KeyError``) if no run, or several runs, match; an empty
+            prefix matches none.
         """
-        matches = self._runs("WHERE substr(run_id, 1, ?) = ?", (len(run_id), run_id))
-        exact = [r for r in matches if r.run_id == run_id]
-        if exact:
-            return exact[0]
-        if len(matches) != 1:
-            what = "no run" if not matches else f"{len(matches)} runs"
-            raise KeyError(f"{what} in {self.path!r} match {run_id!r}")
-        return matches[0]
+        return self._runs("WHERE run_id = ?", (self.run_id(run_id),))[0]
+
+    def run_id(self, prefix: str) -> str:
+        """The id of the run whose id is ``prefix`` or starts with it (a cheap look-up: nothing
+        is folded).
+
+        :raises RunNotFound: (a ``KeyError``) if no run, or several runs, match; an empty
+            prefix matches none.
+        """
+        conn = self._connect()
+        try:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (prefix,)).fetchone():
+                return prefix
+            if not prefix:
+                raise RunNotFound(self.path, prefix, [], 0)
+            matching = "FROM runs WHERE substr(run_id, 1, ?) = ?"
+            params = (len(prefix), prefix)
+            found = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT run_id {matching} ORDER BY started, rowid LIMIT ?",
+                    (*params, RunNotFound.SHOWN + 1),
+                )
+            ]
+            if len(found) == 1:
+                return found[0]
+            count = len(found)
+            if count > RunNotFound.SHOWN:
+                count = conn.execute(f"SELECT count(*) {matching}", params).fetchone()[0]
+            raise RunNotFound(self.path, prefix, found, count)
+        finally:
+            conn.close()
 
     def status(self, run_id: str) -> str | None:
         """The run's status (:func:`threadflow.events.run_status`), or None if there is no
