@@ -275,7 +275,7 @@ def cli(ctx: click.Context, db: str | None) -> None:
     Examples:
       threadflow runs --db runs.db
       threadflow show 3f2a --summary
-      threadflow replay 3f2a --flow myjobs:Nightly
+      threadflow replay 3f2a
       threadflow graph myjobs:Nightly
     """
     ctx.obj = {"db": db}

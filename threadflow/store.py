@@ -1397,7 +1397,10 @@ class EventStore:
             raise ValueError(
                 f"runs(status={status!r}): a run's status is one of {', '.join(STATUSES)}"
             )
-        where, params = ("", ()) if flow is None else ("WHERE flow = ?", (flow,))
+        where = ""
+        params: tuple[str, ...] = ()
+        if flow is not None:
+            where, params = "WHERE flow = ?", (flow,)
         if status in _LOGGED:
             where += (" AND " if where else "WHERE ") + f"{_LAST_END} = ?"
             params += (status,)
@@ -1432,8 +1435,8 @@ class EventStore:
                 raise RunNotFound(self.path, prefix, [], 0)
             matching = "FROM runs WHERE substr(run_id, 1, ?) = ?"
             params = (len(prefix), prefix)
-            found = [
-                row[0]
+            found: list[str] = [
+                str(row[0])
                 for row in conn.execute(
                     f"SELECT run_id {matching} ORDER BY started, rowid LIMIT ?",
                     (*params, RunNotFound.SHOWN + 1),
