@@ -127,7 +127,7 @@ class ReplayError(ThreadflowError, ValueError):
     It is also a ``ValueError``: replaying a run that ended ``all_over`` raises a
     ``ValueError``, as it always has, and ``except ValueError`` still catches it.
 
-    :ivar run_id: the run id (or prefix) that was given.
+    :ivar run_id: the run's id; the id or prefix given when no single run matches it.
     """
 
     def __init__(self, run_id: str, message: str) -> None:

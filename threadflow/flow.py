@@ -27,7 +27,7 @@ from .events import dumps
 from .messages import ReplayRun, Reply, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
-from .store import EventStore
+from .store import EventStore, RunNotFound
 
 log = logging.getLogger("threadflow")
 
@@ -365,8 +365,8 @@ class Flow:
         store = coord.store
         try:
             info = store.run(run_id)
-        except KeyError as exc:  # RunNotFound: no run, or several runs, match
-            if getattr(exc, "count", 0) > 1:
+        except RunNotFound as exc:  # no run, or several runs, match
+            if exc.count > 1:
                 raise ReplayError(run_id, f"{exc}; give more characters of the run id") from None
             info = None
         row = None if info is None else (info.outcome, info.pid, info.host, info.heartbeat)
