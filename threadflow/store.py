@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -263,13 +264,17 @@ def check_readable(path: str) -> None:
         raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
 
 
-def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
+def connect(
+    path: str, *, fsync: bool = False, write: bool = True, shared: bool = False
+) -> sqlite3.Connection:
     """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
 
     A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
     to WAL. A reader changes nothing, and accepts only a threadflow store (see
     :func:`check_readable`): it never touches another application's database.
 
+    :param shared: any thread may use the connection (one at a time: the caller's lock), as a
+        :class:`Follower`'s is; otherwise only the thread that made it.
     :raises StoreError: if the file is not a SQLite database, was written by a newer
         threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
         created.
@@ -280,7 +285,11 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
         check_readable(path)
     try:
         conn = sqlite3.connect(
-            path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512
+            path,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            cached_statements=512,
+            check_same_thread=not shared,
         )
     except sqlite3.Error as exc:
         raise StoreError(path, f"cannot open the store {path!r}: {exc}") from exc
@@ -1236,56 +1245,58 @@ class Follower:
     The first :meth:`update` folds the run with :func:`fold_run` (SQLite counts its bulk, so a
     run of a million events is read in a fraction of a second); each later one folds only the
     events written since, with :func:`fold_since` (SQLite again), so following a run costs what
-    it writes, and next to no Python work. Not thread-safe: one thread at a time (the caller's
-    lock); a connection is opened for the thread that calls, as SQLite connections belong to
-    the thread that made them.
+    it writes, and next to no Python work.
+
+    Any thread may call it: its one connection is used under its lock, by one thread at a
+    time, and is closed by :meth:`close` or, at the latest, when the follower is collected.
     """
 
     def __init__(self, store: EventStore, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
         self.history = RunHistory(run_id)
+        self._lock = threading.Lock()  # guards _conn and history
         self._conn: sqlite3.Connection | None = None
-        self._thread: int | None = None
+        self._closer: weakref.finalize[Any, Any] | None = None
 
     def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None and self._thread != threading.get_ident():
-            self.close()
         if self._conn is None:
-            self._conn = self.store._connect()
-            self._thread = threading.get_ident()
+            self._conn = conn = connect(self.store.path, write=False, shared=True)
+            self._closer = weakref.finalize(self, conn.close)
         return self._conn
 
     def update(self) -> RunHistory:
         """Fold the events committed since the last call; return the fold."""
-        conn = self._connection()
-        if not self.history.events:
-            self.history = fold_run(conn, self.run_id)
-        else:
-            # Rows are numbered in commit order (one writer at a time): none can appear below
-            # the last one seen.
-            self.history = fold_since(conn, self.history)
-        return self.history
+        with self._lock:
+            conn = self._connection()
+            if not self.history.events:
+                self.history = fold_run(conn, self.run_id)
+            else:
+                # Rows are numbered in commit order (one writer at a time): none can appear
+                # below the last one seen.
+                self.history = fold_since(conn, self.history)
+            return self.history
 
     def status(self) -> str | None:
         """The run's status as of the last :meth:`update` (:func:`threadflow.events.run_status`):
         the fold's outcome, or for an open segment ``running`` or ``interrupted`` by its owner
         in the ``runs`` row; None while the store has no such run."""
-        if self.history.outcome is not None:
-            return self.history.outcome
-        row = (
-            self._connection()
-            .execute("SELECT pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,))
-            .fetchone()
-        )
+        with self._lock:
+            if self.history.outcome is not None:
+                return self.history.outcome
+            row = (
+                self._connection()
+                .execute("SELECT pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,))
+                .fetchone()
+            )
         return None if row is None else run_status(None, *row)
 
     def close(self) -> None:
         """Close its connection (the next :meth:`update` opens another)."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(sqlite3.ProgrammingError):  # made by another thread
-                conn.close()
+        with self._lock:
+            closer, self._closer, self._conn = self._closer, None, None
+        if closer is not None:
+            closer()
 
 
 class RunNotFound(KeyError):
