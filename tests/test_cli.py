@@ -786,11 +786,68 @@ def test_replay_unknown_run_exits_3(db):
     assert line.startswith(f"Error: no run in {path!r} matches 'nosuchrun'")
 
 
-def test_replay_needs_a_flow(db):
+def test_replay_without_flow_imports_the_flow_the_run_recorded(db):
     path, ids = db
-    result = invoke("replay", ids["fatal"], "--db", path)
-    assert result.exit_code == 2
-    assert "Missing option '--flow'" in result.stderr
+    assert threadflow.EventStore(path).history(ids["fatal"]).flow_import == f"{FLOWS}:Fatal"
+    result = invoke("replay", ids["fatal"][:6], "--db", path)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stdout == f"run {ids['fatal']}: all_over\n"
+
+
+def test_replay_without_flow_of_a_flow_that_was_not_importable_asks_for_flow(tmp_path):
+    def fail(state):
+        raise ValueError("broken")
+
+    class Local(threadflow.Flow):  # defined in a function: no module:Class imports it
+        only = threadflow.task(task_func=fail, task_retry_limit=1, next=threadflow.ALL_OVER)
+
+    path = str(tmp_path / "runs.db")
+    run_id = Local.run(store=path).run_id
+    assert threadflow.EventStore(path).history(run_id).flow_import is None
+    line = one_error_line(invoke("replay", run_id, "--db", path), 2)
+    assert line == (
+        f"Error: run {run_id} does not record where its flow {Local.__qualname__!r} can be "
+        "imported from (its "
+        "class was not importable by name when the run started, e.g. it was defined in "
+        "__main__); pass --flow module:Class"
+    )
+
+
+def test_replay_without_flow_names_the_recorded_flow_it_cannot_import(tmp_path):
+    module = tmp_path / "gone_flows.py"
+    module.write_text(
+        "import threadflow\n"
+        "def fail(state):\n"
+        "    raise ValueError('broken')\n"
+        "class Gone(threadflow.Flow):\n"
+        "    only = threadflow.task(\n"
+        "        task_func=fail, task_retry_limit=1, next=threadflow.ALL_OVER\n"
+        "    )\n",
+        encoding="utf-8",
+    )
+    path = str(tmp_path / "runs.db")
+    done = subprocess.run(
+        [sys.executable, "-c", f"import gone_flows; gone_flows.Gone.run(store={path!r})"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    module.unlink()  # the module that made the run is gone
+    (info,) = threadflow.EventStore(path).runs()
+    assert info.history.flow_import == "gone_flows:Gone"
+    line = one_error_line(invoke("replay", info.run_id, "--db", path), 2)
+    assert line.startswith(
+        f"Error: the flow recorded for run {info.run_id}, gone_flows:Gone, cannot be used here: "
+        "cannot import module 'gone_flows' (ModuleNotFoundError: "
+    )
+    assert line.endswith("; or pass --flow module:Class")
+
+
+def test_replay_with_flow_that_is_not_a_flow_is_a_usage_error(db):
+    path, ids = db
     result = invoke("replay", ids["fatal"], "--db", path, "--flow", f"{FLOWS}:NotAFlow")
     assert result.exit_code == 2
     assert "not a threadflow Flow subclass" in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,8 +201,8 @@ def test_live_progress_is_redrawn_in_place(tmp_path, monkeypatch):
 
     def draw_and_tell(self, final=False):
         draw(self, final)
-        split = self.progress.history.tasks.get("split")
-        if not final and self._drawn and split is not None and split.children_added == 2:
+        split = self.run.history.tasks.get("split")
+        if self._display is not None and split is not None and split.children_added == 2:
             DRAWN.set()  # a live line with both children is on the screen
 
     monkeypatch.setattr(ProgressView, "draw", draw_and_tell)
@@ -209,9 +210,14 @@ def test_live_progress_is_redrawn_in_place(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     err = result.stderr
     assert "split        [--------------------] 0/2 children" in err
-    assert "\x1b[1A\r\x1b[J" in err  # the live line is replaced, not appended
+    # the live line is erased and drawn again in place (cursor to its start, line erased)
+    assert "\r\x1b[2K" in err
+    # once the run is over, the live area is erased and the stage's final line stays
     last = err.rstrip("\n").split("\n")[-1]
-    assert last.startswith("\x1b[1A\r\x1b[Jsplit        [####################] 2/2 children")
+    erased = re.match(r"\x1b\[\?25h\r(\x1b\[1A\x1b\[2K)+", last)  # cursor shown, lines erased
+    assert erased is not None, repr(last)
+    last = last[erased.end() :]
+    assert last.startswith("split        [####################] 2/2 children")
 
 
 def test_progress_line_shows_children_rate_time_and_troubles():

@@ -196,10 +196,12 @@ def test_run_progress_and_outcome_print_the_task_name_and_error_as_escapes(tmp_p
     path = tmp_path / "runs.db"
     result = invoke("run", f"{FLOWS}:Hostile", "--db", path, "--progress")
     assert result.exit_code == 1
-    # The live progress moves the cursor: those sequences are threadflow's own, and only they.
-    own = re.compile(r"\x1b\[\d+A\r\x1b\[J")
-    assert_inert(result.stdout + own.sub("", result.stderr))
-    stage = next(line for line in result.stderr.splitlines() if "children" in line)
+    # The live area hides the cursor, and moves it up to erase its lines when it is redrawn:
+    # those sequences are threadflow's own, and only they.
+    own = re.compile(r"\x1b\[\?25[lh]|\r(?:\x1b\[(?:1A|2K))+")
+    shown = own.sub("", result.stderr)
+    assert_inert(result.stdout + shown)
+    stage = next(line for line in shown.splitlines() if "children" in line)
     assert stage.startswith(SHOWN_TASK + " [")
     assert f"error: {SHOWN_ERROR}" in result.stdout.splitlines()
 

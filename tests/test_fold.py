@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from threadflow import EventStore
 from threadflow.events import Event, RunHistory, fold
-from threadflow.store import Writer
+from threadflow.store import Follower, Writer
 
 BASE = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
 RUN = "run-under-test"
@@ -36,21 +36,52 @@ ERROR = {"type": "ValueError", "message": "broken"}
 
 
 def comparable(history: RunHistory) -> dict[str, Any]:
-    """Every field of the fold, times included; not the private sets it counts with."""
+    """Every field of the fold, times and running attempts included; not the private records it
+    counts with (see :func:`continuable`)."""
     fields = dataclasses.asdict(history)
     fields["tasks"] = {
         name: {k: v for k, v in task.items() if not k.startswith("_")}
         for name, task in fields["tasks"].items()
     }
+    for name, task in history.tasks.items():
+        fields["tasks"][name]["running"] = task.running_attempts(history.last_ts)
+    fields["running"] = history.running_attempts(history.last_ts, limit=3)
     return fields
 
 
-def check_folds_agree(path: str, writer: Writer) -> RunHistory:
-    """The SQL fold is the plain fold; what the listing and the status say is the fold's."""
+def continuable(history: RunHistory) -> dict[str, Any]:
+    """What the fold keeps to go on counting: equal, so that both go on alike."""
+    return {
+        name: (
+            task._open,
+            task._parent_open,
+            task._failed,
+            task._tolerated,
+            task._released_rows,
+            task._seg_added - task._seg_gone if history.segment_open else None,
+        )
+        for name, task in history.tasks.items()
+    }
+
+
+def check_folds_agree(
+    path: str, writer: Writer, followers: list[Follower] | None = None
+) -> RunHistory:
+    """The SQL fold is the plain fold; what the listing and the status say is the fold's; and a
+    fold that goes on from an SQL fold taken earlier (a :class:`Follower`) is the plain fold
+    too."""
     store = EventStore(path)
     quick = store.history(RUN)
     full = fold(store.iter_events(RUN), RUN)
     assert comparable(quick) == comparable(full)
+    assert continuable(quick) == continuable(full)
+    if followers is not None:
+        followers.append(store.follow(RUN))  # starts here, with the SQL fold
+        for follower in followers:
+            followed = follower.update()
+            assert comparable(followed) == comparable(full)
+            assert continuable(followed) == continuable(full)
+            assert follower.status() == store.status(RUN)
     (info,) = [r for r in store.runs() if r.run_id == RUN]
     assert (info.outcome, info.ended, info.children_done, info.children_failed) == (
         full.outcome,
@@ -106,6 +137,12 @@ class Model:
         self.fail_rate = self.draw(st.sampled_from([2, 4, 6]))  # of 10 attempts, those that fail
         # Attempts running in this segment: (task, ref) -> [attempt, held ranges, child id].
         self.open: dict[tuple[str, int | None], list[Any]] = {}
+        #: Folds that go on from the SQL fold of an earlier point of the log.
+        self.followers: list[Follower] = []
+
+    def check(self) -> None:
+        self.w.commit()
+        check_folds_agree(self.w.path, self.w, self.followers)
 
     # -- writing
 
@@ -128,8 +165,7 @@ class Model:
         if self.draw(st.integers(0, 15)) == 0:  # another run writes meanwhile
             self.w.append([(OTHER, self.ts(), "task_started", "a", "1", 1, 1, None)])
         if self.draw(st.integers(0, 12)) == 0:
-            self.w.commit()
-            check_folds_agree(self.w.path, self.w)
+            self.check()
 
     def add_children(self, stage: Stage, ids: list[Any], attempt: int, by: Any) -> list[int]:
         rows = [
@@ -175,8 +211,7 @@ class Model:
         )
         while True:
             outcome = self.segment_body()
-            self.w.commit()
-            check_folds_agree(self.w.path, self.w)
+            self.check()
             if outcome == "all_over" or self.segment >= 4 or self.draw(st.integers(0, 4)) == 0:
                 return
             self.open.clear()
@@ -228,8 +263,7 @@ class Model:
             if how == "task_over":  # recorded while stopping: it releases what it added
                 self.succeeded(stage, ref, child, attempt, held)
         if self.draw(st.booleans()):  # look while the stop waits, or after a kill just then
-            self.w.commit()
-            check_folds_agree(self.w.path, self.w)
+            self.check()
             if self.draw(st.booleans()):
                 raise SegmentOver(None)
         self.end("interrupted", {"reason": "stop"})
@@ -357,11 +391,14 @@ def test_the_sql_fold_is_the_fold_of_every_event(stages, data):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "runs.db")
         writer = Writer(path)
+        model = Model(writer, data, stages)
         try:
-            Model(writer, data, stages).run()
+            model.run()
             writer.commit()
-            history = check_folds_agree(path, writer)
+            history = check_folds_agree(path, writer, model.followers)
         finally:
+            for follower in model.followers:
+                follower.close()
             writer.close()
     assert history.events > 0
 

@@ -25,14 +25,15 @@ from crash_child import Child
 from helpers import wait_until
 from readers_flows import Agree
 
-from threadflow import EventStore
+from threadflow import EventStore, RunHandle
 from threadflow._format import duration
 from threadflow.cli import cli
 from threadflow.events import FINAL_KINDS, ts_seconds
-from threadflow.progress import Progress
+from threadflow.progress import FollowedRun
 from threadflow.timeline import build, render
 
-CURSOR = re.compile(r"\x1b\[\d+A\r\x1b\[J")
+#: What the live area writes to move the cursor, erase its lines and hide the cursor.
+CURSOR = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 def invoke(*args):
@@ -197,8 +198,8 @@ def test_the_progress_of_the_replay_counts_the_earlier_segments_too(run):
     assert "[####################] 6/6 children" in split
     assert f"  {duration(history.task_seconds('split'))}  " in split
     assert "[####################] 2/2 children" in load and "1 failed" in load
-    # Followed from the first event, the progress folds exactly what the store folds.
-    progress = Progress(EventStore(path), run_id)
+    # Followed in the store, the progress folds exactly what the store folds.
+    progress = FollowedRun(EventStore(path), run_id)
     try:
         followed = progress.update()
     finally:
@@ -209,3 +210,17 @@ def test_the_progress_of_the_replay_counts_the_earlier_segments_too(run):
         history.children_failed,
     )
     assert (followed.active, followed.wall) == (history.active, history.wall)
+    # and so does what an application reads from a handle of the run
+    told = RunHandle(run_id, None, EventStore(path)).progress()
+    assert (told.status, told.segments, told.total, told.done, told.failed) == (
+        "all_over",
+        3,
+        history.children_added,
+        history.children_done,
+        history.children_failed,
+    )
+    assert [(t.name, t.state, t.total, t.done, t.failed) for t in told.tasks.values()] == [
+        (name, "over", t.children_added, t.children_done, t.children_failed)
+        for name, t in history.tasks.items()
+    ]
+    assert told.seconds == history.active

@@ -5,6 +5,7 @@ whole log back: which attempts ran in which segment (segments are split at ``rep
 events), and how many ``task_over`` each child has across the log.
 """
 
+import pickle
 import queue
 import threading
 from collections import Counter
@@ -319,10 +320,20 @@ def test_replaying_a_run_that_ended_all_over_raises_value_error(store_path):
     with pytest.raises(ValueError, match=f"run {done.run_id} ended all_over"):
         Numbers.replay(done.run_id, store=store_path)
     with Numbers.start_link(store=store_path) as server:
-        with pytest.raises(ValueError, match="nothing to replay"):
+        with pytest.raises(ReplayError, match="nothing to replay; start a new run") as caught:
             server.replay(done.run_id)
+    # a ReplayError like every other refusal, and still the ValueError API.md promises
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.run_id == done.run_id
 
     assert EventStore(store_path).events(done.run_id, "replayed") == []
+
+
+def test_a_replay_error_pickles_with_its_message_and_run_id():
+    error = ReplayError("3f2a", "run 3f2a ended all_over; there is nothing to replay")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is ReplayError and isinstance(again, ValueError)
+    assert (str(again), again.run_id) == (str(error), "3f2a")
 
 
 def test_replaying_an_unknown_run_raises_replay_error(store_path):
@@ -331,6 +342,36 @@ def test_replaying_an_unknown_run_raises_replay_error(store_path):
     with pytest.raises(ReplayError, match="no run 'no-such-run'") as caught:
         Numbers.replay("no-such-run", store=store_path)
     assert caught.value.run_id == "no-such-run"
+    with pytest.raises(ReplayError, match="no run ''"):  # an empty prefix names no run
+        Numbers.replay("", store=store_path)
+
+
+def test_replay_accepts_a_unique_prefix_of_the_run_id_as_the_command_line_does(store_path):
+    failed = Numbers.run(store=store_path, broken=[2])
+    assert failed.outcome == "failed_over"
+
+    result = Numbers.replay(failed.run_id[:4], store=store_path)
+
+    assert (result.outcome, result.run_id) == ("all_over", failed.run_id)
+    assert overs(store_path, failed.run_id) == only_once("square", range(5))
+
+
+def test_replaying_a_prefix_several_runs_share_raises_replay_error_naming_them(store_path):
+    # 17 runs: two of them share their first hex digit.
+    by_first: dict[str, list[str]] = {}
+    for _ in range(17):
+        run_id = Numbers.run(store=store_path).run_id
+        by_first.setdefault(run_id[0], []).append(run_id)
+    prefix, matches = next((k, v) for k, v in by_first.items() if len(v) > 1)
+
+    with Numbers.start_link(store=store_path) as server:
+        with pytest.raises(ReplayError) as caught:
+            server.replay(prefix)
+    message = str(caught.value)
+    assert message.startswith(f"{len(matches)} runs in {store_path!r} match {prefix!r} (")
+    assert all(run_id in message for run_id in matches[:5])
+    assert message.endswith("; give more characters of the run id")
+    assert caught.value.run_id == prefix
 
 
 def test_replaying_a_run_still_active_in_this_process_raises_replay_error(store_path):

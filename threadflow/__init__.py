@@ -22,8 +22,9 @@ from .errors import (
     TaskTimeout,
     ThreadflowError,
 )
+from .events import RunningAttempt
 from .flow import Flow, _registry_servers  # noqa: F401
-from .result import RunHandle, RunResult
+from .result import Progress, RunHandle, RunResult, TaskProgress
 from .store import EventStore
 
 __version__ = "0.1.0"
@@ -41,10 +42,13 @@ __all__ = [
     "FlowRunning",
     "NoRetry",
     "ProcessDiedError",
+    "Progress",
     "ReplayError",
     "RunHandle",
     "RunResult",
+    "RunningAttempt",
     "StoreError",
+    "TaskProgress",
     "TaskTimeout",
     "ThreadflowError",
     "add_child_task",

@@ -47,9 +47,9 @@ from .definition import FlowDefinition
 from .errors import StoreError, ThreadflowError
 from .events import KINDS, Event, RunHistory
 from .flow import Flow
-from .progress import EVERY, Progress, ProgressView
+from .progress import EVERY, FollowedRun, ProgressView
 from .result import RunHandle, RunResult
-from .store import FILE_MODE, EventStore, RunInfo, default_path
+from .store import FILE_MODE, EventStore, RunInfo, RunNotFound, default_path
 
 #: Exit codes of every command.
 EXIT_FAILED = 1
@@ -118,21 +118,14 @@ def _resolve(store: EventStore, prefix: str) -> RunInfo:
     :class:`CLIError`."""
     try:
         return store.run(prefix)
-    except KeyError:
-        pass
+    except RunNotFound as exc:
+        if exc.count == 0:
+            hint = f"list the runs with: threadflow runs --db {_quote(store.path)}"
+        else:
+            hint = "give more characters of the run id"
+        raise CLIError(exc.message, hint) from None
     except StoreError as exc:
         raise _store_error(exc) from None
-    matches = [r.run_id for r in store.runs() if r.run_id.startswith(prefix)]
-    if not matches:
-        raise CLIError(
-            f"no run in {store.path!r} matches {prefix!r}",
-            f"list the runs with: threadflow runs --db {_quote(store.path)}",
-        )
-    shown = ", ".join(matches[:5]) + (", …" if len(matches) > 5 else "")
-    raise CLIError(
-        f"{len(matches)} runs in {store.path!r} match {prefix!r} ({shown})",
-        "give more characters of the run id",
-    )
 
 
 def _quote(path: str) -> str:
@@ -164,6 +157,16 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record), newlines=True)
 
 
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def _printable_logs() -> Iterator[None]:
     """While ``run`` or ``replay`` runs a flow, what the engine logs reaches stderr printable.
@@ -177,7 +180,9 @@ def _printable_logs() -> Iterator[None]:
     if logger.hasHandlers():
         yield
         return
-    handler = logging.StreamHandler()  # sys.stderr as it is now (CliRunner replaces it)
+    # sys.stderr as it is when a record is written: while the live progress is shown it is the
+    # stream that writes above the live area (and CliRunner replaces it in tests).
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.setLevel(logging.WARNING)
     handler.setFormatter(_PrintableFormatter())
     logger.addHandler(handler)
@@ -270,7 +275,7 @@ def cli(ctx: click.Context, db: str | None) -> None:
     Examples:
       threadflow runs --db runs.db
       threadflow show 3f2a --summary
-      threadflow replay 3f2a --flow myjobs:Nightly
+      threadflow replay 3f2a
       threadflow graph myjobs:Nightly
     """
     ctx.obj = {"db": db}
@@ -689,8 +694,9 @@ def _start_server(flow_cls: type[Flow], path: str, replaying: bool = False) -> F
     "--flow",
     "flow_cls",
     type=FLOW_CLASS,
-    required=True,
-    help="The flow that made the run, as module:Class (importable from here).",
+    default=None,
+    help="The flow that made the run, as module:Class (importable from here); default: the "
+    "one the run's log names.",
 )
 @click.option(
     "--progress/--no-progress",
@@ -702,21 +708,26 @@ def _start_server(flow_cls: type[Flow], path: str, replaying: bool = False) -> F
 @json_option
 @_printable_logs()
 def replay(
-    run: str, flow_cls: type[Flow], progress: bool | None, db: str | None, as_json: bool
+    run: str, flow_cls: type[Flow] | None, progress: bool | None, db: str | None, as_json: bool
 ) -> None:
-    """Continue RUN (an id or unique prefix) from its log, with the flow --flow names.
+    """Continue RUN (an id or unique prefix) from its log.
 
-    Finished stages, parents and children are not run again; the rest runs with fresh
-    attempts, under the same run id. The exit code tells the outcome: 0 all_over,
-    1 failed_over (the failing task and error are printed), 4 interrupted, 5 cancelled.
+    The flow is the one that made the run, imported by the module:Class its log records (or
+    the one --flow names). Finished stages, parents and children are not run again; the rest
+    runs with fresh attempts, under the same run id. The exit code tells the outcome:
+    0 all_over, 1 failed_over (the failing task and error are printed), 4 interrupted,
+    5 cancelled.
 
     \b
-    Example:
+    Examples:
+      threadflow replay 3f2a --db runs.db
       threadflow replay 3f2a --db runs.db --flow myjobs:Nightly
     """
     path = _db_path(db)
     store = _open(path)
     info = _resolve(store, run)
+    if flow_cls is None:
+        flow_cls = _recorded_flow(info)
     definition: FlowDefinition | None = flow_cls.definition
     if definition is not None and info.flow != definition.name:
         _refused(
@@ -724,23 +735,22 @@ def replay(
             f"pass --flow with the module:Class of {info.flow!r}",
         )
     live = sys.stderr.isatty() if progress is None else progress
-    counts = Progress(store, info.run_id, after=info.segments)
+    counts = FollowedRun(store, info.run_id, after=info.segments)
     view = ProgressView(counts, live=live, enabled=progress is True or (progress is None and live))
     server = _start_server(flow_cls, path, replaying=True)
     try:
         try:
             handle = server.replay(info.run_id)
-        except ValueError as exc:
-            _refused(str(exc), "start a new run to do the work again")
         except StoreError as exc:
             raise _store_error(exc) from None
-        except ThreadflowError as exc:
+        except (ThreadflowError, ValueError) as exc:
             _refused(str(exc))  # ReplayError messages say what to do
-        result = _wait(handle, view)
+        with view.shown():
+            result = _wait(handle, view)
         view.draw(final=True)
     except KeyboardInterrupt:
-        view.clear()
-        # Stopping the server (below) records the run interrupted.
+        # view.shown() has taken the live area away; stopping the server (below) records the
+        # run interrupted.
         _say(f"run {info.run_id}: interrupted; replay it again to go on", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
@@ -748,6 +758,37 @@ def replay(
         _stop(server)
     # No duration: a replay's line says how it ended; `threadflow runs` says how long the run ran.
     _report_result(result, path, as_json, flow_cls, took=None)
+
+
+class _UsageError(CLIError):
+    """A usage error told in one line, as a :class:`CLIError` is (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _recorded_flow(info: RunInfo) -> type[Flow]:
+    """The flow class a run's log names (``flow_started``'s ``import``), imported.
+
+    :raises _UsageError: if the log names none (the class was not importable by name when the
+        run started, e.g. defined in ``__main__``), or it cannot be imported here.
+    """
+    recorded = info.history.flow_import if info.history is not None else None
+    if recorded is None:
+        raise _UsageError(
+            f"run {info.run_id} does not record where its flow {info.flow!r} can be imported "
+            "from (its class was not importable by name when the run started, e.g. it was "
+            "defined in __main__)",
+            "pass --flow module:Class",
+        )
+    try:
+        flow_cls: type[Flow] = FLOW_CLASS.convert(recorded, None, None)
+    except click.BadParameter as exc:
+        raise _UsageError(
+            f"the flow recorded for run {info.run_id}, {recorded}, cannot be used here: "
+            f"{exc.message}",
+            "or pass --flow module:Class",
+        ) from None
+    return flow_cls
 
 
 def _flow_arg(cls: type) -> str:
@@ -804,7 +845,7 @@ def run_command(
     _check_run_store(path)
     server = _start_server(flow_cls, path)
     live = sys.stderr.isatty() if progress is None else progress
-    counts: Progress | None = None
+    counts: FollowedRun | None = None
     view: ProgressView | None = None
     handle: RunHandle | None = None
     try:
@@ -815,12 +856,12 @@ def run_command(
                 f"{entrance or definition.default_entrance} (store {path})",
                 err=True,
             )
-            counts = Progress(EventStore(path), handle.run_id)
+            counts = FollowedRun(EventStore(path), handle.run_id)
             view = ProgressView(counts, live=live, enabled=progress is not False)
-            result = _wait(handle, view)
+            with view.shown():
+                result = _wait(handle, view)
         except KeyboardInterrupt:
-            if view is not None:
-                view.clear()
+            # view.shown() has taken the live area away: the messages below stay on screen.
             _say("interrupted: stopping the run (running attempts are cancelled)", err=True)
             _stop(server)
             if handle is None:  # Ctrl-C before the run was started: nothing to replay

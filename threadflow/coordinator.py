@@ -835,6 +835,7 @@ class Coordinator:
             history = self.store.history(handle.run_id)
             check_same_flow(self.definition, history)
             self.core.take_slot_to_resume(handle)
+            handle.segments_before = history.segments  # see RunHandle.progress()
         except Exception as exc:
             log.warning("threadflow: cannot resume run %s: %s", handle.run_id, describe(exc))
             self.core.release_slot(handle)

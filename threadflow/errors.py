@@ -120,10 +120,14 @@ class TaskTimeout(ThreadflowError, TimeoutError):
         self.timeout = timeout
 
 
-class ReplayError(ThreadflowError):
-    """A run cannot be replayed: unknown, still owned by a live server, or its flow changed.
+class ReplayError(ThreadflowError, ValueError):
+    """A run cannot be replayed: unknown (no run, or several, match the id or prefix given),
+    ended ``all_over``, still owned by a live server, or its flow changed.
 
-    :ivar run_id: the run.
+    It is also a ``ValueError``: replaying a run that ended ``all_over`` raises a
+    ``ValueError``, as it always has, and ``except ValueError`` still catches it.
+
+    :ivar run_id: the run's id; the id or prefix given when no single run matches it.
     """
 
     def __init__(self, run_id: str, message: str) -> None:

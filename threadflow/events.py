@@ -26,6 +26,7 @@ receivers) passes through here before it reaches the store, where hostile values
 from __future__ import annotations
 
 import datetime
+import heapq
 import importlib
 import json
 import os
@@ -355,6 +356,36 @@ class Span:
         return None if start is None or end is None else max(0.0, end - start)
 
 
+@dataclass(frozen=True)
+class RunningAttempt:
+    """An attempt that has started and has no outcome yet, in the run's open segment: what a
+    run is waiting on. ``Progress.slowest`` lists the oldest ones; the live progress of
+    ``threadflow run`` names them.
+
+    :ivar task: the task's name.
+    :ivar child_id: the child's id, or None for the parent attempt (see ``parent``: None is
+        also a valid child id).
+    :ivar attempt: the attempt's number (from 1 in each segment).
+    :ivar since: when it started: the ``ts`` of its ``task_started`` event.
+    :ivar seconds: how long it had been running when it was read; None if no time was given.
+    :ivar parent: True for the task's parent attempt.
+    :ivar seq: the seq of its ``task_started`` event.
+    """
+
+    task: str
+    child_id: Any
+    attempt: int | None
+    since: str
+    seconds: float | None = None
+    parent: bool = False
+    seq: int = 0
+
+
+def _seconds_between(since: str, now: str | None) -> float | None:
+    start, end = ts_seconds(since), ts_seconds(now)
+    return None if start is None or end is None else max(0.0, end - start)
+
+
 @dataclass
 class TaskHistory:
     """One task of a run: its parent attempts, its children, and what became of them.
@@ -401,7 +432,13 @@ class TaskHistory:
     _seg_gone: int = field(default=0, repr=False)  # of those, released or discarded
     _failed: set[int] = field(default_factory=set, repr=False)
     _tolerated: set[int] = field(default_factory=set, repr=False)
-    _open: set[tuple[int, int | None]] = field(default_factory=set, repr=False)
+    # Child attempts running in the open segment: (ref, attempt) -> (seq, ts, child id) of
+    # their task_started. As many as run at once (max_concurrency), never one per child.
+    _open: dict[tuple[int, int | None], tuple[int, str, Any]] = field(
+        default_factory=dict, repr=False
+    )
+    # The parent attempt running in the open segment: (seq, ts, attempt) of its task_started.
+    _parent_open: tuple[int, str, int | None] | None = field(default=None, repr=False)
 
     def _settle(self, segment_open: bool) -> None:
         """Derive the counts from what the fold keeps."""
@@ -410,6 +447,37 @@ class TaskHistory:
         self.children_running = len(self._open) if segment_open else 0
         self.children_failed = len(self._failed)
         self.children_tolerated = len(self._tolerated)
+
+    def _end_parent(self, attempt: int | None) -> None:
+        if self._parent_open is not None and self._parent_open[2] == attempt:
+            self._parent_open = None
+
+    def _close_segment(self) -> None:
+        """The segment ended (or a new one begins): nothing of it runs any more."""
+        self._open.clear()
+        self._parent_open = None
+
+    def running_attempts(
+        self, now: str | None = None, limit: int | None = None
+    ) -> list[RunningAttempt]:
+        """The task's attempts running in the open segment, its parent's and its children's,
+        oldest first.
+
+        :param now: the time (ISO 8601) to measure ``RunningAttempt.seconds`` to.
+        :param limit: only the ``limit`` oldest.
+        """
+        # (seq, attempt, ts, child id, parent): seq orders them by start.
+        found = [
+            (seq, attempt, ts, cid, False) for (_, attempt), (seq, ts, cid) in self._open.items()
+        ]
+        if self._parent_open is not None:
+            seq, ts, attempt = self._parent_open
+            found.append((seq, attempt, ts, None, True))
+        oldest = sorted(found) if limit is None else heapq.nsmallest(limit, found)
+        return [
+            RunningAttempt(self.name, cid, attempt, ts, _seconds_between(ts, now), parent, seq)
+            for seq, attempt, ts, cid, parent in oldest
+        ]
 
 
 def _task_tuple(value: Any) -> tuple[Any, ...] | None:
@@ -454,6 +522,8 @@ class RunHistory:
     events: int = 0
     first_ts: str | None = None  #: its first event
     last_ts: str | None = None  #: its last event
+    #: The seq of its last event: a fold goes on from there with the events written since.
+    last_seq: int = 0
 
     def task_history(self, name: str) -> TaskHistory:
         history = self.tasks.get(name)
@@ -466,12 +536,22 @@ class RunHistory:
         """Whether the last segment has no final event (it runs, or its process died)."""
         return bool(self.spans) and self.spans[-1].outcome is None
 
+    def running_attempts(
+        self, now: str | None = None, limit: int | None = None
+    ) -> list[RunningAttempt]:
+        """The attempts of every task running in the open segment, oldest first (what the run
+        waits on): see :meth:`TaskHistory.running_attempts`."""
+        found = [a for t in self.tasks.values() for a in t.running_attempts(now, limit)]
+        found.sort(key=lambda a: a.seq)
+        return found[:limit]
+
     def add(self, ev: Event) -> None:
         """Fold one more event (the next in seq order)."""
         self.events += 1
         self.run_id = ev.run_id
         self.first_ts = self.first_ts or ev.ts
         self.last_ts = ev.ts
+        self.last_seq = ev.seq
         kind = ev.kind
         data = ev.data if isinstance(ev.data, dict) else {}
         if kind in (FLOW_STARTED, REPLAYED):
@@ -492,7 +572,7 @@ class RunHistory:
             self.segments = len(self.spans)
             for t in self.tasks.values():
                 t._seg_added = t._seg_gone = 0
-                t._open.clear()
+                t._close_segment()
                 t._settle(True)
             return
         span = self.spans[-1] if self.spans else None
@@ -506,7 +586,7 @@ class RunHistory:
             if span is not None:
                 span.outcome, span.end = kind, ev.ts
             for t in self.tasks.values():
-                t._open.clear()
+                t._close_segment()
                 t._settle(False)
             return
         if kind == CALLBACK_ERROR:
@@ -520,17 +600,18 @@ class RunHistory:
         if kind == TASK_STARTED:
             if ref is not None:
                 t.children_started += 1
-                t._open.add((ref, ev.attempt))
+                t._open[(ref, ev.attempt)] = (ev.seq, ev.ts, ev.child_id)
             else:
                 t.started = True
                 t.attempts += 1
                 t.parent = "running"
+                t._parent_open = (ev.seq, ev.ts, ev.attempt)
         elif kind == CHILD_ADDED:
             t._seg_added += 1
         elif kind == TASK_OVER:
             if ref is not None:
                 t.children_done += 1
-                t._open.discard((ref, ev.attempt))
+                t._open.pop((ref, ev.attempt), None)
                 if ref in t._failed:
                     t._failed.discard(ref)
                     t._tolerated.discard(ref)
@@ -538,6 +619,7 @@ class RunHistory:
             else:
                 t.parent_over = True
                 t.parent = "over"
+                t._end_parent(ev.attempt)
         elif kind == CHILDREN_RELEASED:
             ranges = [(int(lo), int(hi)) for lo, hi in data.get("ranges", ())]
             t.released.extend(ranges)
@@ -554,7 +636,9 @@ class RunHistory:
             else:
                 t.abandoned += 1
             if ref is not None:  # an attempt abandoned after its timeout has ended already
-                t._open.discard((ref, ev.attempt))
+                t._open.pop((ref, ev.attempt), None)
+            else:
+                t._end_parent(ev.attempt)
         elif kind == RETRY:
             t.retries += 1
         elif kind == TASK_FAILED:

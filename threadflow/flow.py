@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from . import server, signals
 from ._clock import utcnow
 from .definition import RESERVED, FlowDefinition, check_flow, check_same_flow
-from .errors import EncodeError, FlowDefinitionError, ThreadflowError
+from .errors import EncodeError, FlowDefinitionError, ReplayError, ThreadflowError
 from .events import coded, dumps
 from .messages import ReplayRun, Reply, ResumeRuns, StartRun
 from .result import RunHandle, RunResult
 from .server import ServerCore
-from .store import EventStore
+from .store import EventStore, RunNotFound
 
 log = logging.getLogger("threadflow")
 
@@ -268,11 +268,7 @@ class Flow:
     def _resume_interrupted(self) -> None:
         coord = self._coord
         assert coord.definition is not None
-        pending = [
-            info
-            for info in coord.store.runs(flow=coord.definition.name)
-            if info.status == "interrupted"
-        ]
+        pending = coord.store.runs(status="interrupted", flow=coord.definition.name)
         self._resumed = [
             RunHandle(
                 info.run_id,
@@ -400,10 +396,12 @@ class Flow:
         class, ``Example.replay(run_id, store=..., **start_link_args)`` starts a server,
         replays the run, waits for its ``RunResult`` and stops.
 
-        :returns: a ``RunHandle``.
-        :raises ValueError: if the run ended ``all_over``.
-        :raises ReplayError: if the run is unknown, still owned by a live server, or was
-            written by a flow whose tasks or edges have changed since.
+        :param run_id: the run's id, or a prefix of it that only this run's id starts with
+            (as the command line takes it).
+        :returns: a ``RunHandle`` (its ``progress()`` counts earlier segments too).
+        :raises ReplayError: (also a ``ValueError``) if the run ended ``all_over``, if no run
+            or several runs match ``run_id``, if it is still owned by a live server, or if it
+            was written by a flow whose tasks or edges have changed since.
         :raises FlowRunning: if this server is running a run.
         """
         coord, core = self._coord, self._core
@@ -412,21 +410,23 @@ class Flow:
         store = coord.store
         try:
             info = store.run(run_id)
-        except KeyError:
+        except RunNotFound as exc:  # no run, or several runs, match
+            if exc.count > 1:
+                raise ReplayError(run_id, f"{exc}; give more characters of the run id") from None
             info = None
-        row = None
-        if info is not None and info.run_id == run_id:
-            row = (info.outcome, info.pid, info.host, info.heartbeat)
+        row = None if info is None else (info.outcome, info.pid, info.host, info.heartbeat)
         # Asked early for a quick answer; the coordinator asks again under the write lock.
-        refusal = server.replay_refusal(run_id, store.path, row)
+        refusal = server.replay_refusal(run_id if info is None else info.run_id, store.path, row)
         if refusal is not None:
             raise refusal
         assert info is not None
+        run_id = info.run_id
         history = info.history if info.history is not None else store.history(run_id)
         check_same_flow(coord.definition, history)
         handle = core.take_slot(
             run_id, datetime.datetime.fromisoformat(info.started), store, coord.ask_cancel
         )
+        handle.segments_before = history.segments
         reply = Reply()
         coord.post(ReplayRun(handle, history, reply))
         while not reply.event.wait(0.5):
@@ -451,8 +451,9 @@ class Flow:
         The arguments after ``run_id`` are those of ``start_link``.
 
         :returns: the replayed run's ``RunResult``.
-        :raises ValueError: if the run ended ``all_over``.
-        :raises ReplayError: if the run cannot be replayed (see ``server.replay``).
+        :raises ReplayError: (also a ``ValueError``) if the run cannot be replayed (see
+            ``server.replay``): it ended ``all_over``, no run or several match ``run_id``, it
+            is still owned by a live server, or its flow changed.
         """
         with cls.start_link(store, return_to, executor, executors, **extra_state) as srv:
             result: RunResult = srv.replay(run_id).result()

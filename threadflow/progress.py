@@ -5,23 +5,39 @@ store (:class:`threadflow.store.Follower`: each redraw folds only the events wri
 last one). So they are the numbers ``threadflow runs``, ``show --summary`` and the timeline
 show, and a replayed run's lines include the work done before the replay. Nothing here runs on
 the coordinator's thread: the progress only reads the store.
+
+``threadflow run`` and ``threadflow replay`` draw it with the same :class:`ProgressView`. On a
+terminal it is a live area at the bottom of the screen, drawn by ``rich`` (its ``Live``
+display): what the flow itself prints, on ``sys.stdout`` or ``sys.stderr`` (a ``print()`` in a
+task or a receiver, a log record), is written above that area, never drawn over; the area ends
+with the attempts that have been running longest, so that a child that hangs is named. Off a
+terminal (a log file, a pipe, CI) there is no live area: each stage writes one plain line as it
+ends, and nothing else.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
 from ._clock import utcnow
-from ._format import duration, plural, printable
+from ._format import compact, duration, plural, printable
 from .errors import StoreError
-from .events import RunHistory, TaskHistory
+from .events import RunHistory, RunningAttempt, TaskHistory
 from .store import EventStore
 
 #: Seconds between two redraws of the progress lines.
 EVERY = 0.2
+#: Seconds an attempt must have been running before the live area names it.
+SLOW = 1.0
+#: Running attempts named at most, oldest first.
+SLOWEST = 3
 
 _BAR_WIDTH = 20
 
@@ -71,8 +87,32 @@ def stage_over(task: TaskHistory, history: RunHistory) -> bool:
     return task.all_over or task.parent == "failed" or not history.segment_open
 
 
-class Progress:
-    """The progress of one run: its fold, followed in the store, and which stages were shown.
+def attempt_text(attempt: RunningAttempt) -> str:
+    """``split[3] 12.5 s``, ``split[3] (attempt 2) 12.5 s``, ``fetch (parent) 3.000 s``."""
+    if attempt.parent:
+        name = f"{attempt.task} (parent"
+        name += f", attempt {attempt.attempt})" if (attempt.attempt or 1) > 1 else ")"
+    else:
+        name = f"{attempt.task}[{compact(attempt.child_id)}]"
+        if (attempt.attempt or 1) > 1:
+            name += f" (attempt {attempt.attempt})"
+    return printable(f"{name} {duration(attempt.seconds)}")
+
+
+def slowest_line(history: RunHistory, now: str, slow: float = SLOW) -> str | None:
+    """``running longest: split[3] 12.5 s, split[7] 4.021 s``: the attempts of the open
+    segment that have been running for ``slow`` seconds or more, oldest first; None if
+    there are none."""
+    if not history.segment_open:
+        return None
+    attempts = [a for a in history.running_attempts(now, SLOWEST) if (a.seconds or 0.0) >= slow]
+    if not attempts:
+        return None
+    return "running longest: " + ", ".join(attempt_text(a) for a in attempts)
+
+
+class FollowedRun:
+    """One run's fold, followed in the store, and which stages' final lines were written.
 
     Reading is best effort: if the store cannot be read for a moment, the last counts stay.
 
@@ -83,7 +123,7 @@ class Progress:
     def __init__(self, store: EventStore, run_id: str, after: int = 0) -> None:
         self.follower = store.follow(run_id)
         self.after = after
-        self.shown: set[str] = set()  # stages whose final line was printed
+        self.shown: set[str] = set()  # stages whose final line was written
 
     @property
     def started(self) -> bool:
@@ -105,51 +145,126 @@ class Progress:
 
 
 class ProgressView:
-    """Draws the stages on stderr: on a terminal, one live line per running stage, redrawn in
-    place; a stage that ends leaves one final line. Elsewhere (a log, a pipe) only the final
-    lines are written."""
+    """Draws a run's stages on stderr, for ``threadflow run`` and ``threadflow replay``.
 
-    def __init__(self, progress: Progress, live: bool, enabled: bool = True) -> None:
-        self.progress = progress
-        self.live = live
+    Live (on a terminal, or when asked): a ``rich`` live area of one line per running stage and
+    a line naming the attempts running longest, redrawn by :meth:`draw`; while it is shown
+    (between :meth:`start` and :meth:`stop`) what the flow writes to ``sys.stdout`` (when that
+    is the terminal too) and ``sys.stderr`` is printed above it. A stage that ends leaves its
+    final line above the area. Not live: only the final lines, as plain text.
+
+    :param live: draw the live area.
+    :param enabled: draw anything at all.
+    """
+
+    def __init__(self, run: FollowedRun, live: bool, enabled: bool = True) -> None:
+        self.run = run
+        self.live = live and enabled
         self.enabled = enabled
-        self._drawn = 0  # live lines on screen
+        self._display: Any = None  # the rich Live, while it is shown
 
-    def _width(self) -> int:
-        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+    # -- life
+
+    def start(self) -> None:
+        """Show the live area (nothing to do when not live)."""
+        if not self.live or self._display is not None:
+            return
+        # Imported here: only a live display on a terminal needs rich.
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(
+            file=sys.stderr,
+            force_terminal=True,  # live was decided (isatty, or --progress): draw it
+            highlight=False,
+            markup=False,
+            emoji=False,
+            soft_wrap=True,  # a printed line is the flow's: the terminal wraps it, not rich
+        )
+        if not console.is_interactive:  # TERM=dumb, TTY_INTERACTIVE=0: no cursor movement
+            self.live = False
+            return
+        self._display = Live(
+            console=console,
+            auto_refresh=False,  # redrawn by draw(), on the thread that reads the store
+            transient=True,  # stop() takes the area away; final lines are written plainly
+            # The flow's output goes above the area; stdout only when it is this terminal too
+            # (`threadflow run X > out.txt` keeps the flow's stdout in the file).
+            redirect_stdout=_same_terminal(sys.stdout, sys.stderr),
+            redirect_stderr=True,
+        )
+        self._display.start()
+
+    def stop(self) -> None:
+        """Take the live area away and give ``sys.stdout`` and ``sys.stderr`` back."""
+        display, self._display = self._display, None
+        if display is not None:
+            # A line the flow has begun and not ended is written now, not lost with the proxy.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # a stream the flow closed or replaced
+                    stream.flush()
+            display.stop()
+
+    @contextmanager
+    def shown(self) -> Iterator[ProgressView]:
+        """:meth:`start`, then :meth:`stop` however the block ends (Ctrl-C included)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # -- drawing
 
     def draw(self, final: bool = False) -> None:
+        """Read what the log gained, write the lines of stages that ended, redraw the live area.
+
+        :param final: the run is over: write every stage's final line (after the live area is
+            taken away).
+        """
         if not self.enabled:
             return
-        history = self.progress.update()
+        if final:
+            self.stop()
+        run = self.run
+        history = run.update()
         now = utcnow().isoformat()
         tasks = list(history.tasks.values())
         name_width = max([12, *(len(printable(t.name)) for t in tasks)])
-        width = self._width()
-        out: list[str] = []
-        if self.live and self._drawn:
-            out.append(f"\x1b[{self._drawn}A\r\x1b[J")
-        live_lines = []
+        ended: list[str] = []
+        live_lines: list[str] = []
         for task in tasks:
-            if task.name in self.progress.shown:
+            if task.name in run.shown:
                 continue
             line = stage_line(task, history.task_seconds(task.name, now), name_width)
-            if final or (self.progress.started and stage_over(task, history)):
-                out.append(line + "\n")
-                self.progress.shown.add(task.name)
+            if final or (run.started and stage_over(task, history)):
+                ended.append(line)
+                run.shown.add(task.name)
             else:
-                live_lines.append(line[:width])
-        if self.live and not final:
-            out.extend(f"{line}\n" for line in live_lines)
-            self._drawn = len(live_lines)
-        else:
-            self._drawn = 0
-        if out:
-            # color=True keeps the cursor movements that click strips when it is not sure
-            # of the terminal; without live lines there are none.
-            click.echo("".join(out), nl=False, err=True, color=self.live or None)
+                live_lines.append(line)
+        display = self._display
+        if display is None:
+            if ended:
+                click.echo("".join(f"{line}\n" for line in ended), nl=False, err=True)
+            return
+        from rich.console import Group
+        from rich.text import Text
 
-    def clear(self) -> None:
-        if self.enabled and self.live and self._drawn:
-            click.echo(f"\x1b[{self._drawn}A\r\x1b[J", nl=False, err=True, color=True)
-        self._drawn = 0
+        for line in ended:  # above the live area, for good
+            display.console.print(Text(line))
+        slowest = slowest_line(history, now) if run.started else None
+        if slowest is not None:
+            live_lines.append(f"  {slowest}")
+        display.update(
+            Group(*(Text(line, no_wrap=True, overflow="ellipsis") for line in live_lines)),
+            refresh=True,
+        )
+
+
+def _same_terminal(out: Any, err: Any) -> bool:
+    """Whether ``out`` is a terminal as ``err`` is (then the flow's stdout may go above the
+    live area without leaving the screen it was meant for)."""
+    try:
+        return bool(out.isatty() and err.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False

@@ -197,14 +197,18 @@ def replay_refusal(
 
     :param row: the run's ``(outcome, pid, host, heartbeat)`` in the store, or None if the
         store has no such run.
-    :returns: a ``ReplayError`` (unknown run, still running here or elsewhere) or a
-        ``ValueError`` (it ended ``all_over``), to raise.
+    :returns: a ``ReplayError`` (unknown run, ended ``all_over``, still running here or
+        elsewhere), to raise.
     """
     if row is None:
         return ReplayError(run_id, f"there is no run {run_id!r} in {path!r}")
     outcome, pid, host, heartbeat = row
     if outcome == "all_over":
-        return ValueError(f"run {run_id} ended all_over; there is nothing to replay")
+        return ReplayError(
+            run_id,
+            f"run {run_id} ended all_over; there is nothing to replay; start a new run to do "
+            "the work again",
+        )
     holder = holder_of(run_id, besides=here)
     if holder is not None:
         return ReplayError(

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -36,9 +37,11 @@ from typing import Any
 from ._clock import monotonic, wall
 from .errors import DuplicateChildError, StoreError
 from .events import (
+    ABANDONED,
     CHILD_ADDED,
     EXIT,
     FINAL_KINDS,
+    FLOW_STARTED,
     FOLD_DATA_KINDS,
     KINDS,
     REPLAYED,
@@ -262,13 +265,17 @@ def check_readable(path: str) -> None:
         raise StoreError(path, f"{path!r} is not a threadflow store (no threadflow tables)")
 
 
-def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Connection:
+def connect(
+    path: str, *, fsync: bool = False, write: bool = True, shared: bool = False
+) -> sqlite3.Connection:
     """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
 
     A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
     to WAL. A reader changes nothing, and accepts only a threadflow store (see
     :func:`check_readable`): it never touches another application's database.
 
+    :param shared: any thread may use the connection (one at a time: the caller's lock), as a
+        :class:`Follower`'s is; otherwise only the thread that made it.
     :raises StoreError: if the file is not a SQLite database, was written by a newer
         threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
         created.
@@ -279,7 +286,11 @@ def connect(path: str, *, fsync: bool = False, write: bool = True) -> sqlite3.Co
         check_readable(path)
     try:
         conn = sqlite3.connect(
-            path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512
+            path,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            cached_statements=512,
+            check_same_thread=not shared,
         )
     except sqlite3.Error as exc:
         raise StoreError(path, f"cannot open the store {path!r}: {exc}") from exc
@@ -923,9 +934,25 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     The fold reads the few events that carry decisions (run and stage ends, releases,
     failures, parent attempts) one by one; a child's ``child_added``, ``task_started`` and
     ``task_over``, nearly all of a big log, are counted from the index instead of decoded. The
-    result equals the plain fold field by field (``tests/test_fold.py`` checks it on random
-    logs): this is that same function, faster, not a second definition.
+    result equals the plain fold field by field, what it keeps to go on counting included
+    (``tests/test_fold.py`` checks it on random logs): this is that same function, faster, not
+    a second definition. So it may be fed the events written after ``last_seq`` one by one, as
+    :class:`Follower` does.
+
+    Its queries read one snapshot of the store (a read transaction), so a run that is being
+    written is folded as it stood at one moment.
     """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _fold_run(conn, run_id)
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     decoded = ",".join(f"'{kind}'" for kind in KINDS if kind not in _COUNTED)
     cur = conn.execute(
         f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? AND kind IN ({decoded}) "
@@ -961,17 +988,13 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
             elif kind == TASK_OVER:
                 t[3] = children
     added: dict[str, int] = {}  # child_added rows of the open segment
-    open_attempts: dict[str, int] = {}  # started minus ended, in the open segment
+    running: dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]] = {}
     if seg_open:
-        for kind, task, n, children, *_ in last:
+        for kind, task, n, *_ in last:
             if kind == CHILD_ADDED:
                 added[task] = n
-            elif kind == TASK_STARTED:
-                open_attempts[task] = open_attempts.get(task, 0) + children
-            elif kind in (TASK_OVER, EXIT, TIMEOUT):
-                open_attempts[task] = open_attempts.get(task, 0) - children
-        for task, n in _abandoned_running(conn, run_id, spans[-1].seq).items():
-            open_attempts[task] = open_attempts.get(task, 0) - n
+        if any(kind == TASK_STARTED and children for kind, _, _, children, *_ in last):
+            running = _running_children(conn, run_id, spans[-1].seq)
     # A segment without a final event ends at its last event: for the last one, the run's
     # last; for an earlier one (a crash, then a replay), the last before the next segment.
     ends = {len(spans) - 1: last_seq} if seg_open else {}
@@ -986,6 +1009,7 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
     ts_of = _timestamps(conn, sorted(wanted))
     history.events = sum(row[2] for row in rows)
     history.first_ts, history.last_ts = ts_of[first_seq], ts_of[last_seq]
+    history.last_seq = last_seq
     for i, seq in ends.items():
         spans[i].end = ts_of[seq]
     failures = _child_failures(conn, run_id)
@@ -994,12 +1018,151 @@ def fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
         task.first_ts, task.last_ts = ts_of[lo], ts_of[hi]
         task.children_started, task.children_done = started, done
         task._seg_added = added.get(name, 0)
-        task._settle(seg_open)
-        task.children_failed, task.children_tolerated, task.children_recovered = failures.get(
-            name, (0, 0, 0)
+        task._failed, task._tolerated, task.children_recovered = failures.get(
+            name, (set(), set(), 0)
         )
-        task.children_running = open_attempts.get(name, 0) if seg_open else 0
+        task._open = running.get(name, {})
+        task._settle(seg_open)
     return history
+
+
+#: Kinds after which the fold starts a new segment: a range that holds one is folded afresh.
+_SEGMENT_STARTS = (FLOW_STARTED, REPLAYED)
+#: Kinds that end a child attempt (the fold's running attempts lose it).
+_ATTEMPT_ENDS = (TASK_OVER, EXIT, TIMEOUT, ABANDONED)
+
+
+def fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
+    """``history`` with the events of its run written after ``history.last_seq`` folded in,
+    computed mostly by SQLite, as :func:`fold_run` is (the same function: ``tests/test_fold.py``
+    checks that going on this way from any point gives the plain fold).
+
+    Only the new rows are read: a child's ``child_added``, ``task_started`` and ``task_over``
+    are counted, the running attempts found by their index, the few other events decoded one
+    by one. So following a run costs SQLite work in proportion to what it writes, and almost no
+    Python work (the GIL stays with the run's own threads). A range that starts a new segment
+    (a ``replayed`` event) is folded afresh with :func:`fold_run`: a replay happens once.
+
+    :returns: the fold: ``history`` itself, changed, or a new one.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _fold_since(conn, history)
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
+    run_id, since = history.run_id, history.last_seq
+    # A rowid range (seq > since), filtered to the run: only the rows written since are read.
+    new = f"FROM events WHERE seq > {int(since)} AND +run_id = ?"
+    rows = conn.execute(
+        f"SELECT kind, task, count(*), count(ref), min(seq), max(seq) {new} GROUP BY kind, task",
+        (run_id,),
+    ).fetchall()
+    if not rows:
+        return history
+    if any(kind in _SEGMENT_STARTS for kind, *_ in rows):
+        return fold_run(conn, run_id)
+    # Tasks are made in the order of their first event, as the plain fold makes them.
+    firsts: dict[str, int] = {}
+    lasts: dict[str, int] = {}
+    for _, task, _, _, lo, hi in rows:
+        if task is not None:
+            firsts[task] = min(firsts.get(task, lo), lo)
+            lasts[task] = max(lasts.get(task, hi), hi)
+    for task in sorted(firsts, key=firsts.__getitem__):
+        history.task_history(task)
+    last_seq = max(row[5] for row in rows)
+    total = sum(row[2] for row in rows)
+    # The bulk, counted: children added, child attempts started and over.
+    over = False
+    for kind, task, n, children, *_ in rows:
+        if task is None:
+            continue
+        t = history.tasks[task]
+        if kind == CHILD_ADDED:
+            t._seg_added += n
+        elif kind == TASK_STARTED:
+            t.children_started += children
+        elif kind == TASK_OVER:
+            t.children_done += children
+            over = over or children > 0
+    # Running attempts: those that ended since leave, those that started since and have not
+    # ended join. Ends are looked up by the index, for the few attempts that were running.
+    for name, t in history.tasks.items():
+        if t._open:
+            for ref, attempt in _ended(conn, run_id, name, since, list(t._open)):
+                t._open.pop((ref, attempt), None)
+    for task, ref, attempt, seq, ts, child_id in conn.execute(
+        f"SELECT s.task, s.ref, s.attempt, s.seq, s.ts, s.child_id FROM events s "
+        f"WHERE s.seq > {int(since)} AND +s.run_id = ? AND s.kind = '{TASK_STARTED}' "
+        "AND s.ref IS NOT NULL AND NOT EXISTS (SELECT 1 FROM events e WHERE "
+        f"e.run_id = s.run_id AND e.kind IN {_ATTEMPT_ENDS!r} AND e.task = s.task "
+        "AND e.ref = s.ref AND e.attempt IS s.attempt AND e.seq > s.seq)",
+        (run_id,),
+    ):
+        history.tasks[task]._open[(ref, attempt)] = (seq, ts, decode_id(child_id))
+    # Children that failed before and are over now (a replay's segment): recovered.
+    if over and any(t._failed for t in history.tasks.values()):
+        for task, ref in conn.execute(
+            f"SELECT o.task, o.ref {new.replace('FROM events', 'FROM events o')} "
+            f"AND o.kind = '{TASK_OVER}' AND o.ref IS NOT NULL",
+            (run_id,),
+        ):
+            t = history.tasks[task]
+            if ref in t._failed:
+                t._failed.discard(ref)
+                t._tolerated.discard(ref)
+                t.children_recovered += 1
+    # The rest, decoded one by one in order: parents, failures, releases, ends.
+    decoded = ",".join(f"'{kind}'" for kind in KINDS if kind not in _COUNTED)
+    events, first_ts = history.events, history.first_ts
+    cur = conn.execute(
+        f"SELECT {_FOLD_SELECT} {new} AND (kind IN ({decoded}) OR (kind IN "
+        f"('{TASK_STARTED}', '{TASK_OVER}') AND ref IS NULL)) ORDER BY seq",
+        (run_id,),
+    )
+    ts_of = _timestamps(conn, sorted({last_seq, *firsts.values(), *lasts.values()}))
+    for name, seq in firsts.items():
+        t = history.tasks[name]
+        t.first_ts = t.first_ts or ts_of[seq]
+    for ev in _decoded(cur):
+        history.add(ev)
+    history.events, history.first_ts = events + total, first_ts
+    history.last_seq, history.last_ts = last_seq, ts_of[last_seq]
+    span = history.spans[-1] if history.spans else None
+    if span is not None and span.outcome is None:
+        span.end = history.last_ts
+    for name, seq in lasts.items():
+        history.tasks[name].last_ts = ts_of[seq]
+    for t in history.tasks.values():
+        t._settle(history.segment_open)
+    return history
+
+
+def _ended(
+    conn: sqlite3.Connection, run_id: str, task: str, since: int, attempts: list[tuple[int, Any]]
+) -> list[tuple[int, Any]]:
+    """Of ``attempts`` (``(ref, attempt)`` of ``task``), those with an end after seq ``since``."""
+    found: list[tuple[int, Any]] = []
+    for start in range(0, len(attempts), 400):
+        group = attempts[start : start + 400]
+        refs = ",".join(str(int(ref)) for ref, _ in group)
+        wanted = set(group)
+        found.extend(
+            (ref, attempt)
+            for ref, attempt in conn.execute(
+                f"SELECT ref, attempt FROM events WHERE run_id = ? AND kind IN {_ATTEMPT_ENDS!r} "
+                f"AND task = ? AND ref IN ({refs}) AND seq > {int(since)}",
+                (run_id, task),
+            )
+            if (ref, attempt) in wanted
+        )
+    return found
 
 
 def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
@@ -1011,8 +1174,11 @@ def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     return found
 
 
-def _child_failures(conn: sqlite3.Connection, run_id: str) -> dict[str, tuple[int, int, int]]:
-    """Per task: children failed (no ``task_over``), of those tolerated, and recovered."""
+def _child_failures(
+    conn: sqlite3.Connection, run_id: str
+) -> dict[str, tuple[set[int], set[int], int]]:
+    """Per task: the refs of children failed (no ``task_over``) and of those tolerated, and how
+    many recovered (failed, then over)."""
     rows = conn.execute(
         "SELECT f.task, f.ref, json_extract(f.data, '$.tolerated'), EXISTS (SELECT 1 FROM events o "
         f"WHERE o.run_id = f.run_id AND o.kind = '{TASK_OVER}' AND o.task = f.task "
@@ -1024,29 +1190,43 @@ def _child_failures(conn: sqlite3.Connection, run_id: str) -> dict[str, tuple[in
     for task, ref, tolerated, over in rows:
         seen = children.setdefault((task, ref), [False, bool(over)])
         seen[0] = seen[0] or bool(tolerated)
-    counts: dict[str, tuple[int, int, int]] = {}
-    for (task, _), (tolerated, over) in children.items():
-        failed, kept, recovered = counts.get(task, (0, 0, 0))
+    found: dict[str, tuple[set[int], set[int], int]] = {}
+    for (task, ref), (tolerated, over) in children.items():
+        failed, kept, recovered = found.get(task, (set(), set(), 0))
         if over:
             recovered += 1
         else:
-            failed += 1
-            kept += tolerated
-        counts[task] = (failed, kept, recovered)
-    return counts
+            failed.add(ref)
+            if tolerated:
+                kept.add(ref)
+        found[task] = (failed, kept, recovered)
+    return found
 
 
-def _abandoned_running(conn: sqlite3.Connection, run_id: str, since: int) -> dict[str, int]:
-    """Per task: child attempts of the segment from seq ``since`` that ended by ``abandoned``
-    (a stop that did not wait for them), not after their ``timeout``."""
+def _running_children(
+    conn: sqlite3.Connection, run_id: str, since: int
+) -> dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]]:
+    """Per task: the child attempts of the segment from seq ``since`` that started and have no
+    outcome (``task_over``, ``exit``, ``timeout``, or ``abandoned`` by a stop that did not wait
+    for them), as the fold keeps them: ``(ref, attempt) -> (seq, ts, child id)``."""
     rows = conn.execute(
-        "SELECT a.task, count(*) FROM events a WHERE a.run_id = ? AND a.kind = 'abandoned' "
-        "AND a.ref IS NOT NULL AND a.seq >= ? AND NOT EXISTS (SELECT 1 FROM events t "
-        "WHERE t.run_id = a.run_id AND t.kind = 'timeout' AND t.task = a.task AND t.ref = a.ref "
-        "AND t.attempt IS a.attempt AND t.seq >= ? AND t.seq < a.seq) GROUP BY a.task",
-        (run_id, since, since),
+        f"SELECT s.task, s.ref, s.attempt, s.seq, s.ts, s.child_id FROM events s "
+        f"WHERE s.run_id = ? AND s.kind = '{TASK_STARTED}' AND s.ref IS NOT NULL "
+        f"AND s.seq >= ? AND NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = s.run_id "
+        f"AND e.kind IN ('{TASK_OVER}', '{EXIT}', '{TIMEOUT}', '{ABANDONED}') "
+        "AND e.task = s.task AND e.ref = s.ref AND e.attempt IS s.attempt AND e.seq > s.seq)",
+        (run_id, since),
     )
-    return dict(rows.fetchall())
+    found: dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]] = {}
+    for task, ref, attempt, seq, ts, child_id in rows:
+        found.setdefault(task, {})[(ref, attempt)] = (seq, ts, decode_id(child_id))
+    return found
+
+
+def _row_status(row: tuple[Any, ...]) -> str:
+    """A run's status from its ``runs`` row and its last end (see ``_LAST_END``)."""
+    pid, host, heartbeat, last = row[7:11]
+    return run_status(None if last in (None, REPLAYED) else last, pid, host, heartbeat)
 
 
 def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
@@ -1060,40 +1240,104 @@ def _run_info(row: tuple[Any, ...], history: RunHistory) -> RunInfo:
 
 
 class Follower:
-    """The fold of one run, kept up to date as its log grows (the live progress reads it).
+    """The fold of one run, kept up to date as its log grows (``RunHandle.progress()`` and the
+    live progress of the command line read it).
 
-    Each :meth:`update` folds only the events written since the last one: the first reads the
-    run's events through the index, the next ones the rows after the last seq seen, so
-    following a run costs what it writes. Not thread-safe: one reader thread.
+    The first :meth:`update` folds the run with :func:`fold_run` (SQLite counts its bulk, so a
+    run of a million events is read in a fraction of a second); each later one folds only the
+    events written since, with :func:`fold_since` (SQLite again), so following a run costs what
+    it writes, and next to no Python work.
+
+    Any thread may call it: its one connection is used under its lock, by one thread at a
+    time, and is closed by :meth:`close` or, at the latest, when the follower is collected.
     """
 
     def __init__(self, store: EventStore, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
         self.history = RunHistory(run_id)
-        self._seq = 0
+        self._lock = threading.Lock()  # guards _conn and history
         self._conn: sqlite3.Connection | None = None
+        self._closer: weakref.finalize[Any, Any] | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = conn = connect(self.store.path, write=False, shared=True)
+            self._closer = weakref.finalize(self, conn.close)
+        return self._conn
 
     def update(self) -> RunHistory:
         """Fold the events committed since the last call; return the fold."""
-        if self._conn is None:
-            self._conn = self.store._connect()
-        if self._seq == 0:
-            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE run_id = ? ORDER BY seq"
-            params: tuple[Any, ...] = (self.run_id,)
-        else:
-            # A rowid range: only what was written since (by any run), filtered to this run.
-            sql = f"SELECT {_FOLD_SELECT} FROM events WHERE seq > ? AND +run_id = ? ORDER BY seq"
-            params = (self._seq, self.run_id)
-        for ev in _decoded(self._conn.execute(sql, params)):
-            self.history.add(ev)
-            self._seq = ev.seq
-        return self.history
+        with self._lock:
+            conn = self._connection()
+            if not self.history.events:
+                self.history = fold_run(conn, self.run_id)
+            else:
+                # Rows are numbered in commit order (one writer at a time): none can appear
+                # below the last one seen.
+                self.history = fold_since(conn, self.history)
+            return self.history
+
+    def status(self) -> str | None:
+        """The run's status as of the last :meth:`update` (:func:`threadflow.events.run_status`):
+        the fold's outcome, or for an open segment ``running`` or ``interrupted`` by its owner
+        in the ``runs`` row; None while the store has no such run."""
+        with self._lock:
+            if self.history.outcome is not None:
+                return self.history.outcome
+            row = (
+                self._connection()
+                .execute("SELECT pid, host, heartbeat FROM runs WHERE run_id = ?", (self.run_id,))
+                .fetchone()
+            )
+        return None if row is None else run_status(None, *row)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close its connection (the next :meth:`update` opens another)."""
+        with self._lock:
+            closer, self._closer, self._conn = self._closer, None, None
+        if closer is not None:
+            closer()
+
+
+class RunNotFound(KeyError):
+    """No run, or several runs, match a run id or prefix (:meth:`EventStore.run`).
+
+    :ivar prefix: the id or prefix given.
+    :ivar matches: the ids of the runs that match, oldest first (at most
+        :data:`RunNotFound.SHOWN`; empty for an unknown run).
+    :ivar count: how many runs match: 0 (unknown) or more than one (ambiguous).
+    """
+
+    SHOWN = 5
+
+    def __init__(self, path: str, prefix: str, matches: list[str], count: int) -> None:
+        if count == 0:
+            message = f"no run in {path!r} matches {prefix!r}"
+        else:
+            shown = ", ".join(matches[: self.SHOWN]) + (", …" if count > self.SHOWN else "")
+            message = f"{count} runs in {path!r} match {prefix!r} ({shown})"
+        super().__init__(message)
+        self.message = message
+        self.prefix = prefix
+        self.matches = matches[: self.SHOWN]
+        self.count = count
+
+    def __str__(self) -> str:  # KeyError would show the message as a repr, quoted
+        return self.message
+
+
+#: Run statuses :meth:`EventStore.runs` filters on.
+STATUSES = ("running", "interrupted", "cancelled", "failed_over", "all_over")
+#: Of those, the ones the log alone tells (the others depend on the owner's being alive).
+_LOGGED = ("cancelled", "failed_over", "all_over")
+#: The last kind that sets a run's outcome: its last final or ``replayed`` event (as the fold
+#: reads it), for a ``runs`` row.
+_LAST_END = (
+    "(SELECT e.kind FROM events e WHERE e.run_id = runs.run_id AND e.kind IN ("
+    + ",".join(f"'{kind}'" for kind in (*FINAL_KINDS, REPLAYED))
+    + ") ORDER BY e.seq DESC LIMIT 1)"
+)
 
 
 class EventStore:
@@ -1123,47 +1367,101 @@ class EventStore:
         check_readable(self.path)
 
     def _runs(
-        self, where: str = "", params: tuple[Any, ...] = (), limit: int | None = None
+        self,
+        where: str = "",
+        params: tuple[Any, ...] = (),
+        limit: int | None = None,
+        status: str | None = None,
     ) -> list[RunInfo]:
         conn = self._connect()
         try:
             sql = (
                 "SELECT run_id, flow, server, entrance, started, ended, outcome, pid, host, "
-                f"heartbeat FROM runs {where} ORDER BY started DESC, rowid DESC"
+                f"heartbeat, {_LAST_END} FROM runs {where} ORDER BY started DESC, rowid DESC"
             )
-            if limit is not None:
-                sql += f" LIMIT {int(limit)}"
+            if limit is not None and status in (None, *_LOGGED):
+                sql += f" LIMIT {int(limit)}"  # exact in SQL: no owner to look at
             rows = conn.execute(sql, params).fetchall()
-            return [_run_info(row, fold_run(conn, row[0])) for row in reversed(rows)]
+            if status is not None:
+                # The fold's outcome is the last end; an open segment is the owner's to tell.
+                rows = [r for r in rows if _row_status(r) == status][:limit]
+            infos = [_run_info(row[:10], fold_run(conn, row[0])) for row in reversed(rows)]
         finally:
             conn.close()
+        # The fold has the last word (a run may have ended since its row was read).
+        return infos if status is None else [i for i in infos if i.status == status]
 
-    def runs(self, *, flow: str | None = None, limit: int | None = None) -> list[RunInfo]:
+    def runs(
+        self, *, flow: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[RunInfo]:
         """Every run in the store, oldest first, each with its folded log (``RunInfo.history``).
 
+        The filters are applied before anything is folded: only the runs listed are.
+
         :param flow: only the runs of this flow (its class name).
-        :param limit: only the newest ``limit`` runs (still oldest first); only those are
-            folded.
+        :param status: only the runs of this :attr:`RunInfo.status`: ``"running"``,
+            ``"interrupted"`` (stopped, or unfinished with its owner gone: the runs a replay
+            can pick up), ``"cancelled"``, ``"failed_over"`` or ``"all_over"``.
+        :param limit: only the newest ``limit`` runs (still oldest first).
+        :raises ValueError: for another status.
         """
-        if flow is None:
-            return self._runs(limit=limit)
-        return self._runs("WHERE flow = ?", (flow,), limit)
+        if status is not None and status not in STATUSES:
+            raise ValueError(
+                f"runs(status={status!r}): a run's status is one of {', '.join(STATUSES)}"
+            )
+        where = ""
+        params: tuple[str, ...] = ()
+        if flow is not None:
+            where, params = "WHERE flow = ?", (flow,)
+        if status in _LOGGED:
+            where += (" AND " if where else "WHERE ") + f"{_LAST_END} = ?"
+            params += (status,)
+        elif status is not None:  # running or interrupted: an open segment, or interrupted
+            where += (" AND " if where else "WHERE ") + (
+                f"coalesce({_LAST_END}, 'replayed') IN ('replayed', 'interrupted')"
+            )
+        return self._runs(where, params, limit, status)
 
     def run(self, run_id: str) -> RunInfo:
         """The run whose id is ``run_id`` or starts with it.
 
-        Only the matching runs are read (and folded), not the whole store.
+        Only that run is read (and folded), not the whole store.
 
-        :raises KeyError: if no run, or several runs, match.
+        :raises RunNotFound: (a ``KeyError``) if no run, or several runs, match; an empty
+            prefix matches none.
         """
-        matches = self._runs("WHERE substr(run_id, 1, ?) = ?", (len(run_id), run_id))
-        exact = [r for r in matches if r.run_id == run_id]
-        if exact:
-            return exact[0]
-        if len(matches) != 1:
-            what = "no run" if not matches else f"{len(matches)} runs"
-            raise KeyError(f"{what} in {self.path!r} match {run_id!r}")
-        return matches[0]
+        return self._runs("WHERE run_id = ?", (self.run_id(run_id),))[0]
+
+    def run_id(self, prefix: str) -> str:
+        """The id of the run whose id is ``prefix`` or starts with it (a cheap look-up: nothing
+        is folded).
+
+        :raises RunNotFound: (a ``KeyError``) if no run, or several runs, match; an empty
+            prefix matches none.
+        """
+        conn = self._connect()
+        try:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (prefix,)).fetchone():
+                return prefix
+            if not prefix:
+                raise RunNotFound(self.path, prefix, [], 0)
+            matching = "FROM runs WHERE substr(run_id, 1, ?) = ?"
+            params = (len(prefix), prefix)
+            found: list[str] = [
+                str(row[0])
+                for row in conn.execute(
+                    f"SELECT run_id {matching} ORDER BY started, rowid LIMIT ?",
+                    (*params, RunNotFound.SHOWN + 1),
+                )
+            ]
+            if len(found) == 1:
+                return found[0]
+            count = len(found)
+            if count > RunNotFound.SHOWN:
+                count = conn.execute(f"SELECT count(*) {matching}", params).fetchone()[0]
+            raise RunNotFound(self.path, prefix, found, count)
+        finally:
+            conn.close()
 
     def status(self, run_id: str) -> str | None:
         """The run's status (:func:`threadflow.events.run_status`), or None if there is no
