@@ -2,7 +2,7 @@
 
 Press "Make thumbnails": the flow runs 40 children, four at a time; some fail once and are
 retried, one is broken for good (its failure is tolerated). A progress bar and a log follow the
-run; "Cancel" stops it, recording the run as interrupted.
+run; "Cancel" cancels it (the server stays, ready for the next run).
 
 The one rule: **Tk widgets belong to the Tk thread.** threadflow's callbacks and signal
 receivers run on the server's coordinator thread, and ``return_to`` is called there too, so
@@ -84,6 +84,7 @@ class App:
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.server: Flow | None = None
         self.receivers: list[tuple[Any, Any]] = []
+        self.run: threadflow.RunHandle | None = None  # the run going on, to cancel
 
         root.title("threadflow in Tk")
         frame = ttk.Frame(root, padding=12)
@@ -109,7 +110,7 @@ class App:
         if autorun:
             root.after(200, self.start)
 
-    # The server lives as long as the window; Cancel replaces it (stop() ends a server).
+    # The server lives as long as the window; Cancel ends one run, not the server.
 
     def open_server(self) -> None:
         self.server = Thumbnails.start_link(
@@ -149,6 +150,7 @@ class App:
             return  # the button is disabled while a run goes on; a double click lands here
         self.progress["value"] = 0
         self.log.delete(0, "end")
+        self.run = handle
         self.status["text"] = f"run {handle.run_id}: running"
         self.start_button["state"] = "disabled"
         self.cancel_button["state"] = "normal"
@@ -156,12 +158,9 @@ class App:
     def cancel(self) -> None:
         self.cancel_button["state"] = "disabled"
         self.status["text"] = "cancelling..."
-        # stop() waits for running attempts: never block the Tk thread with it.
-        threading.Thread(target=self._stop_then_reopen, daemon=True).start()
-
-    def _stop_then_reopen(self) -> None:  # a helper thread, not the Tk thread
-        self.close_server()
-        self.inbox.put(("stopped",))
+        if self.run is not None:
+            # Returns at once: the run's result ("cancelled") arrives through return_to.
+            self.run.cancel("cancelled from the window")
 
     def close(self) -> None:
         self.close_server()
@@ -195,9 +194,6 @@ class App:
             self.cancel_button["state"] = "disabled"
             if self.autorun:
                 self.root.after(300, self.close)
-        elif kind == "stopped":
-            self.open_server()  # a fresh server for the next run
-            self.start_button["state"] = "normal"
 
 
 def main() -> int:
