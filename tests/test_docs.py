@@ -188,3 +188,15 @@ def test_site_builds_strictly(tmp_path):
         assert f'id="threadflow.{name}"' in api, f"{name} is missing from the API page"
     gui = (site / "gui" / "index.html").read_text(encoding="utf-8")
     assert "POLL_MS" in gui, "the Tk example was not included in the GUI page"
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    found = []
+    for folder in ("docs", "threadflow", "tests", "tools", "examples"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".md", ".py", ".yml", ".toml", ".cfg") and path.is_file():
+                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                    if line.startswith(markers):
+                        found.append(f"{path.relative_to(ROOT)}:{n}")
+    assert found == []
