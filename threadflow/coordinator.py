@@ -73,6 +73,8 @@ WINDOW = 512
 POLL = 0.2
 #: Seconds between looks for a cancel of the current run asked by another process.
 CANCEL_LOOK = 0.25
+#: Seconds during which successive turns share one event timestamp.
+STAMP_REUSE = 0.001
 #: Longest single wait of the loop (a deadline further away is waited for in several).
 MAX_WAIT = 3600.0
 
@@ -307,6 +309,8 @@ class Coordinator:
         self.run: Run | None = None
         self.now = 0.0
         self._ts: str | None = None
+        self._last_ts: str | None = None  # the latest stamp, and when (monotonic) it was made
+        self._ts_at = 0.0
         self._stop_at: float | None = None
         self._exit = False
         # Work of the current turn, done in _flush after the commit.
@@ -715,8 +719,13 @@ class Coordinator:
             raise AssertionError(f"unknown message {msg!r}")
 
     def _stamp(self) -> str:
+        # One stamp per turn, and turns within a millisecond share it: formatting the wall
+        # clock is a visible share of a turn when turns follow each other closely.
         if self._ts is None:
-            self._ts = utcnow().isoformat()
+            if self.now - self._ts_at >= STAMP_REUSE or self._last_ts is None:
+                self._last_ts = utcnow().isoformat()
+                self._ts_at = self.now
+            self._ts = self._last_ts
         return self._ts
 
     def _event(
@@ -963,8 +972,20 @@ class Coordinator:
         if att is None:
             self._late(uid, error, data)
             return
-        self._detach(att)
         stage, run = att.stage, att.run
+        if error is None and att.child_json is not None and not att.held and not self._stop_at:
+            # The common case, kept short: a child succeeded and released nothing.
+            del self.attempts[uid], stage.running[uid]
+            self._rows.append(
+                (run.run_id, self._ts or self._stamp(), "task_over", stage.name)
+                + (att.child_json, att.number, att.ref, data)
+            )
+            if signals.task_over.receivers:
+                self._signal(signals.task_over, run, att, att.number)
+            stage.done += 1
+            self._maybe_stage_over(stage)
+            return
+        self._detach(att)
         if self._stop_at is not None:
             # Stopping: record what really happened, decide nothing more.
             kind = "task_over" if error is None else "exit"

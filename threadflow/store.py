@@ -76,13 +76,6 @@ _ROWS_PER_INSERT = 128
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
-def _insert_keys(n: int) -> str:
-    return "INSERT INTO children (seq, run_id, task, child_id) VALUES " + ",".join(
-        ["(?,?,?,?)"] * n
-    )
-
-
-@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_many(n: int) -> str:
     return (
         "INSERT INTO events (run_id, ts, kind, task, child_id, attempt, ref, data) VALUES "
@@ -658,13 +651,12 @@ class Writer:
         self.conn.execute("SAVEPOINT add_children")
         try:
             first = self._append_numbered(rows)
-            step = _ROWS_PER_INSERT
-            for start in range(0, len(ids), step):
-                group = ids[start : start + step]
-                params: list[Any] = []
-                for i, cid in enumerate(group, first + start):
-                    params += (i, run_id, task, cid)
-                self.conn.execute(_insert_keys(len(group)), params)
+            # The keys are copied from the rows just written, by SQLite: no Python per child.
+            self.conn.execute(
+                "INSERT INTO children (seq, run_id, task, child_id) "
+                "SELECT seq, run_id, task, child_id FROM events WHERE seq BETWEEN ? AND ?",
+                (first, first + len(rows) - 1),
+            )
         except sqlite3.IntegrityError:
             self.conn.execute("ROLLBACK TO add_children")
             self.conn.execute("RELEASE add_children")
