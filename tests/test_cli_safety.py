@@ -386,3 +386,16 @@ def test_a_flow_module_here_does_not_let_files_here_shadow_installed_packages(tm
     assert done.returncode == 0, done.stderr
     assert "decoy" not in done.stderr
     assert json.loads(done.stdout)["outcome"] == "all_over"
+
+
+def test_text_that_reorders_or_hides_itself_is_shown_as_escapes(db):
+    # A flow name that a right-to-left override would print as "Flow" + reversed text, with a
+    # zero-width space hidden in it ("Trojan Source").
+    path, run_id = db
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE runs SET flow = ? WHERE run_id = ?", ("Fl\u200bow\u202edlo", run_id))
+    conn.close()
+    result = invoke("runs", "--db", path)
+    assert result.exit_code == 0, result.stderr
+    assert "Fl\\u200bow\\u202edlo" in result.stdout
+    assert "\u202e" not in result.stdout and "\u200b" not in result.stdout

@@ -25,11 +25,21 @@ from typing import Any
 #: Characters that act on a terminal or cannot be encoded: C0 controls (ESC starts escape
 #: sequences, CR rewrites the line), DEL, C1 controls (U+009B is a one-character CSI on some
 #: terminals) and lone surrogates, which no UTF-8 stream accepts.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: Also the characters that reorder or hide text (bidirectional overrides and isolates,
+#: zero-width characters): a log line must read as it is stored ("Trojan Source").
+_INVISIBLE = (
+    *range(0x200B, 0x2010),  # zero-width space, joiners, LRM, RLM
+    *range(0x202A, 0x202F),  # LRE, RLE, PDF, LRO, RLO
+    *range(0x2066, 0x206A),  # LRI, RLI, FSI, PDI
+    0xFEFF,  # zero-width no-break space
+)
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]"
+)
 
 _ESCAPES: dict[int, str] = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 _ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
-_ESCAPES.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+_ESCAPES.update({code: f"\\u{code:04x}" for code in (*range(0xD800, 0xE000), *_INVISIBLE)})
 _ESCAPES_BUT_NEWLINE = {code: text for code, text in _ESCAPES.items() if code != ord("\n")}
 
 
