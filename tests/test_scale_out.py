@@ -57,7 +57,7 @@ def dask_executor(tmp_path_factory):
             threads_per_worker=2,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: 8787 may be taken on the machine
             local_directory=str(tmp_path_factory.mktemp("dask")),
         )
     client = Client(cluster)

@@ -34,7 +34,7 @@ def run_dask(n: int, concurrency: int) -> float:
 
     with (
         LocalCluster(
-            processes=False, n_workers=1, threads_per_worker=concurrency, dashboard_address=None
+            processes=False, n_workers=1, threads_per_worker=concurrency, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
     ):

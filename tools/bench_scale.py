@@ -100,7 +100,7 @@ def main() -> None:
             threads_per_worker=args.threads,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: 8787 may be taken on the machine
         )
         client = Client(cluster)
     try:
