@@ -1414,7 +1414,10 @@ class Coordinator:
             if run.over:
                 break
             if handover and stage.handover and stage.running:
-                depth = min(4 * stage.cap, WINDOW)  # enough for the workers until the next turn
+                # Enough for the workers until the next turn: a worker that finds none goes idle,
+                # and its slot then costs a submission (measured: 4 x cap 12.7 us per no-op
+                # child, 16 x cap 9.2 us).
+                depth = min(16 * stage.cap, WINDOW)
                 while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()
                     standby.append(Attempt(next(self._uids), stage, self, child, seq, data, 1))
