@@ -14,13 +14,15 @@ from threadflow import ALL_OVER, DuplicateChildError, Flow, task
 
 
 def count_events(db_path, run_id, kind, children_only=False):
-    """Count events of a run with a connection of our own (not the engine's)."""
-    sql = "SELECT count(*) FROM events WHERE run_id = ? AND kind = ?"
+    """Count events of a run with a connection of our own (not the engine's). A ``task_ran``
+    row (a child started and over between two commits) counts as its start and its end."""
+    kinds = (kind, "task_ran") if kind in ("task_started", "task_over") else (kind, kind)
+    sql = "SELECT count(*) FROM events WHERE run_id = ? AND kind IN (?, ?)"
     if children_only:
         sql += " AND child_id IS NOT NULL"
     conn = sqlite3.connect(db_path, timeout=30)
     try:
-        return conn.execute(sql, (run_id, kind)).fetchone()[0]
+        return conn.execute(sql, (run_id, *kinds)).fetchone()[0]
     finally:
         conn.close()
 

@@ -70,7 +70,7 @@ def test_history_is_the_fold_of_every_event(two_segments):
     store = EventStore(path)
 
     quick = store.history(run_id)
-    full = fold(store.iter_events(run_id), run_id)
+    full = fold(store.iter_rows(run_id), run_id)
 
     assert comparable(quick) == comparable(full)
     split = quick.tasks["split"]
@@ -80,7 +80,7 @@ def test_history_is_the_fold_of_every_event(two_segments):
     assert split.children_done == 8 + 6
     assert split.children_failed == 0  # child 3 failed, then succeeded in the replay
     assert split.released  # the parent's children, and the grandchildren of 5 and 6
-    assert quick.events == sum(1 for _ in store.iter_events(run_id))
+    assert quick.events == sum(1 for _ in store.iter_rows(run_id))
 
 
 def test_history_of_a_failed_run_counts_the_child_still_failed(store_path):
@@ -90,7 +90,7 @@ def test_history_of_a_failed_run_counts_the_child_still_failed(store_path):
 
     quick = store.history(failed.run_id)
 
-    assert comparable(quick) == comparable(fold(store.iter_events(failed.run_id)))
+    assert comparable(quick) == comparable(fold(store.iter_rows(failed.run_id)))
     assert quick.outcome == "failed_over"
     assert quick.task == ("split", 3)
     assert quick.tasks["split"].children_failed == 1

@@ -202,7 +202,7 @@ def event_summary(kind: str, data: Any, width: int) -> str:
         text = f"flow={data.get('flow')} entrance={data.get('entrance')}"
     elif kind == "child_added":
         text = f"payload={compact(data.get('payload'))}"
-    elif kind == "task_over":
+    elif kind in ("task_over", "task_ran"):
         text = f"result={compact(data['result'])}" if "result" in data else ""
     elif kind in ("exit", "timeout", "task_failed"):
         text = error_text(data.get("error"))

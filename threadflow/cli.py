@@ -1032,7 +1032,7 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
     info = _resolve(store, run)
     try:
         built = _timeline.build(
-            store.iter_events(info.run_id), info.run_id, status=info.status, max_rows=max_rows
+            store.iter_rows(info.run_id), info.run_id, status=info.status, max_rows=max_rows
         )
     except StoreError as exc:
         raise _store_error(exc) from None

@@ -48,6 +48,9 @@ FLOW_STARTED = "flow_started"
 TASK_STARTED = "task_started"  #: an attempt starts
 CHILD_ADDED = "child_added"  #: a child is added (attempt = the adder's): payload, by
 TASK_OVER = "task_over"  #: an attempt returned: result
+#: a child attempt that started and returned within one commit of the log (no task_started row
+#: is written for it): result, started (its start's ts)
+TASK_RAN = "task_ran"
 CHILDREN_RELEASED = "children_released"  #: a success's children may run: ranges
 EXIT = "exit"  #: an attempt raised: error
 TIMEOUT = "timeout"  #: an attempt passed its deadline: timeout, error
@@ -70,6 +73,7 @@ KINDS = (
     TASK_STARTED,
     CHILD_ADDED,
     TASK_OVER,
+    TASK_RAN,
     TIMEOUT,
     EXIT,
     RETRY,
@@ -96,6 +100,7 @@ SIGNAL_OF = {
     REPLAYED: "start_flow",
     TASK_STARTED: "task_start",
     TASK_OVER: "task_over",
+    TASK_RAN: "task_over",  # (its task_start fired when it started)
     TASK_ALL_OVER: "task_all_over",
     TASK_FAILED: "task_failed",
     TIMEOUT: "task_timeout",
@@ -608,7 +613,9 @@ class RunHistory:
                 t._parent_open = (ev.seq, ev.ts, ev.attempt)
         elif kind == CHILD_ADDED:
             t._seg_added += 1
-        elif kind == TASK_OVER:
+        elif kind == TASK_OVER or kind == TASK_RAN:
+            if kind == TASK_RAN:  # started and over in one row
+                t.children_started += 1
             if ref is not None:
                 t.children_done += 1
                 t._open.pop((ref, ev.attempt), None)

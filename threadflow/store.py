@@ -19,6 +19,7 @@ Only JSON is stored: opening a store never unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -46,6 +47,7 @@ from .events import (
     KINDS,
     REPLAYED,
     TASK_OVER,
+    TASK_RAN,
     TASK_STARTED,
     TIMEOUT,
     Event,
@@ -694,14 +696,15 @@ class Writer:
         self, run_id: str, task: str, lo: int, hi: int, limit: int
     ) -> list[tuple[int, str, str]]:
         """As :meth:`read_children`, skipping children that already finished (for replay):
-        those with a ``task_over``, or a ``task_failed`` that was tolerated. This is the SQL of
-        the fold's *finished* (``children_done`` and ``children_tolerated``);
+        those with a ``task_over`` (or ``task_ran``), or a ``task_failed`` that was tolerated.
+        This is the SQL of the fold's *finished* (``children_done`` and ``children_tolerated``);
         ``tests/test_fold.py`` checks that the two agree."""
         return self.conn.execute(
             "SELECT a.seq, a.child_id, a.data FROM events a WHERE a.seq BETWEEN ? AND ? "
             "AND a.kind = 'child_added' AND NOT EXISTS (SELECT 1 FROM events o "
-            "WHERE o.run_id = ? AND o.kind = 'task_over' AND o.task = ? AND o.ref = a.seq) "
-            "AND NOT EXISTS (SELECT 1 FROM events f WHERE f.run_id = ? AND f.kind = 'task_failed' "
+            "WHERE o.run_id = ? AND o.kind IN ('task_over', 'task_ran') AND o.task = ? "
+            "AND o.ref = a.seq) AND NOT EXISTS (SELECT 1 FROM events f WHERE f.run_id = ? "
+            "AND f.kind = 'task_failed' "
             "AND f.task = ? AND f.ref = a.seq AND json_extract(f.data, '$.tolerated')) "
             "ORDER BY a.seq LIMIT ?",
             (lo, hi, run_id, task, run_id, task, limit),
@@ -911,7 +914,9 @@ _FOLD_SELECT = (
 )
 #: Kinds counted by SQLite in :func:`fold_run` rather than decoded: a child's own events (and the
 #: ``child_added`` rows), which make up nearly all of a big log.
-_COUNTED = (CHILD_ADDED, TASK_STARTED, TASK_OVER)
+_COUNTED = (CHILD_ADDED, TASK_STARTED, TASK_OVER, TASK_RAN)
+#: Kinds of a child's success (``task_ran``: started and over in one row).
+_SUCCESSES = (TASK_OVER, TASK_RAN)
 
 
 def _decoded(cur: sqlite3.Cursor) -> Iterator[Event]:
@@ -975,10 +980,10 @@ def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
         if task is not None:
             t = tasks.setdefault(task, [lo, hi, 0, 0])
             t[0], t[1] = min(t[0], lo), max(t[1], hi)
-            if kind == TASK_STARTED:
-                t[2] = children
-            elif kind == TASK_OVER:
-                t[3] = children
+            if kind in (TASK_STARTED, TASK_RAN):
+                t[2] += children
+            if kind in _SUCCESSES:
+                t[3] += children
     added: dict[str, int] = {}  # child_added rows of the open segment
     running: dict[str, dict[tuple[int, int | None], tuple[int, str, Any]]] = {}
     if seg_open:
@@ -1021,7 +1026,7 @@ def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
 #: Kinds after which the fold starts a new segment: a range that holds one is folded afresh.
 _SEGMENT_STARTS = (FLOW_STARTED, REPLAYED)
 #: Kinds that end a child attempt (the fold's running attempts lose it).
-_ATTEMPT_ENDS = (TASK_OVER, EXIT, TIMEOUT, ABANDONED)
+_ATTEMPT_ENDS = (TASK_OVER, TASK_RAN, EXIT, TIMEOUT, ABANDONED)
 
 
 def fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
@@ -1080,7 +1085,9 @@ def _fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
             t._seg_added += n
         elif kind == TASK_STARTED:
             t.children_started += children
-        elif kind == TASK_OVER:
+        elif kind in _SUCCESSES:
+            if kind == TASK_RAN:
+                t.children_started += children
             t.children_done += children
             over = over or children > 0
     # Running attempts: those that ended since leave, those that started since and have not
@@ -1102,7 +1109,7 @@ def _fold_since(conn: sqlite3.Connection, history: RunHistory) -> RunHistory:
     if over and any(t._failed for t in history.tasks.values()):
         for task, ref in conn.execute(
             f"SELECT o.task, o.ref {new.replace('FROM events', 'FROM events o')} "
-            f"AND o.kind = '{TASK_OVER}' AND o.ref IS NOT NULL",
+            f"AND o.kind IN {_SUCCESSES!r} AND o.ref IS NOT NULL",
             (run_id,),
         ):
             t = history.tasks[task]
@@ -1173,7 +1180,7 @@ def _child_failures(
     many recovered (failed, then over)."""
     rows = conn.execute(
         "SELECT f.task, f.ref, json_extract(f.data, '$.tolerated'), EXISTS (SELECT 1 FROM events o "
-        f"WHERE o.run_id = f.run_id AND o.kind = '{TASK_OVER}' AND o.task = f.task "
+        f"WHERE o.run_id = f.run_id AND o.kind IN {_SUCCESSES!r} AND o.task = f.task "
         "AND o.ref = f.ref) FROM events f WHERE f.run_id = ? AND f.kind = 'task_failed' "
         "AND f.ref IS NOT NULL",
         (run_id,),
@@ -1205,7 +1212,7 @@ def _running_children(
         f"SELECT s.task, s.ref, s.attempt, s.seq, s.ts, s.child_id FROM events s "
         f"WHERE s.run_id = ? AND s.kind = '{TASK_STARTED}' AND s.ref IS NOT NULL "
         f"AND s.seq >= ? AND NOT EXISTS (SELECT 1 FROM events e WHERE e.run_id = s.run_id "
-        f"AND e.kind IN ('{TASK_OVER}', '{EXIT}', '{TIMEOUT}', '{ABANDONED}') "
+        f"AND e.kind IN {_ATTEMPT_ENDS!r} "
         "AND e.task = s.task AND e.ref = s.ref AND e.attempt IS s.attempt AND e.seq > s.seq)",
         (run_id, since),
     )
@@ -1478,12 +1485,44 @@ class EventStore:
         return run_status(outcome, *row)
 
     def iter_events(self, run_id: str, kind: str | None = None) -> Iterator[Event]:
-        """The events of ``run_id`` in order, streamed (only those of ``kind`` if given)."""
-        sql = f"SELECT {_EVENT_SELECT} FROM events "
-        sql += "WHERE run_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY seq"
+        """The events of ``run_id`` in order, streamed (only those of ``kind`` if given).
+
+        A ``task_ran`` row (a child attempt that started and returned between two commits,
+        stored as one row) is read as the two events it stands for: its ``task_started``, at
+        the time it started, and its ``task_over``, both with the row's seq.
+        """
+        kinds: tuple[str, ...] = ()
+        if kind is not None:
+            kinds = (kind, TASK_RAN) if kind in (TASK_STARTED, TASK_OVER) else (kind,)
+        sql = f"SELECT {_EVENT_SELECT} FROM events WHERE run_id = ?"
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
         conn = self._connect()
         try:
-            yield from _decoded(conn.execute(sql, (run_id, kind) if kind else (run_id,)))
+            rows = _decoded(conn.execute(sql + " ORDER BY seq", (run_id, *kinds)))
+            for ev in rows:
+                if ev.kind != TASK_RAN:
+                    yield ev
+                    continue
+                data = dict(ev.data or {})
+                started = data.pop("started", ev.ts)
+                if kind in (None, TASK_STARTED):
+                    yield dataclasses.replace(ev, kind=TASK_STARTED, ts=started, data=None)
+                if kind in (None, TASK_OVER):
+                    yield dataclasses.replace(ev, kind=TASK_OVER, data=data or None)
+        finally:
+            conn.close()
+
+    def iter_rows(self, run_id: str) -> Iterator[Event]:
+        """The rows of ``run_id`` as stored, in order (``task_ran`` rows as they are): what the
+        fold reads."""
+        conn = self._connect()
+        try:
+            yield from _decoded(
+                conn.execute(
+                    f"SELECT {_EVENT_SELECT} FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
+                )
+            )
         finally:
             conn.close()
 
@@ -1492,7 +1531,7 @@ class EventStore:
         return list(self.iter_events(run_id, kind))
 
     def history(self, run_id: str) -> RunHistory:
-        """The run folded from its events: ``events.fold(self.iter_events(run_id))``, computed
+        """The run folded from its events: ``events.fold(self.iter_rows(run_id))``, computed
         quickly on a big log (see :func:`fold_run`)."""
         conn = self._connect()
         try:
@@ -1530,7 +1569,7 @@ class EventStore:
         try:
             cur = conn.execute(
                 "SELECT a.child_id, o.data FROM events o JOIN events a ON a.seq = o.ref "
-                "WHERE o.run_id = ? AND o.kind = 'task_over' AND o.task = ? "
+                "WHERE o.run_id = ? AND o.kind IN ('task_over', 'task_ran') AND o.task = ? "
                 "AND o.ref IS NOT NULL ORDER BY o.ref",
                 (run_id, task),
             )

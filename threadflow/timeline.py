@@ -15,6 +15,7 @@ row showing how many of their attempts ran at each moment.
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from collections import Counter
 from collections.abc import Iterable
@@ -223,7 +224,13 @@ class _Builder:
 
     def add(self, ev: Event) -> None:
         """Draw one more event (the next in seq order), then fold it."""
-        self._draw(ev)
+        if ev.kind == "task_ran":  # a child that started and returned in one commit: one row
+            started = (ev.data or {}).get("started")
+            if isinstance(started, str):
+                self._draw(dataclasses.replace(ev, kind="task_started", ts=started, data=None))
+            self._draw(dataclasses.replace(ev, kind="task_over"))
+        else:
+            self._draw(ev)
         self.history.add(ev)
 
     def _draw(self, ev: Event) -> None:
@@ -449,6 +456,6 @@ def timeline(store: EventStore, run_id: str, *, max_rows: int = MAX_ROWS) -> str
     """
     info = store.run(run_id)
     built = build(
-        store.iter_events(info.run_id), info.run_id, status=info.status, max_rows=max_rows
+        store.iter_rows(info.run_id), info.run_id, status=info.status, max_rows=max_rows
     )
     return render(built)
