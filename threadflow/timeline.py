@@ -455,7 +455,5 @@ def timeline(store: EventStore, run_id: str, *, max_rows: int = MAX_ROWS) -> str
     :raises KeyError: if no run, or several, match.
     """
     info = store.run(run_id)
-    built = build(
-        store.iter_rows(info.run_id), info.run_id, status=info.status, max_rows=max_rows
-    )
+    built = build(store.iter_rows(info.run_id), info.run_id, status=info.status, max_rows=max_rows)
     return render(built)
