@@ -18,9 +18,11 @@ No thread waits for a remote attempt: the future's done callback posts the outco
 coordinator's inbox. Dask's executors (``Client.get_executor()``, or a ``Client``) are driven
 through their client instead, a turn at a time: the attempts the coordinator submits in one
 turn go to the cluster in one ``client.map`` when it calls ``flush()``, and outcomes come back
-in batches (``_DaskBatches``); each attempt keeps a future of its own. A cancelled remote attempt (timeout, failed run, ``stop()``) gets
-``future.cancel()``, called from one of the server's threads because an executor may block in
-it (Dask asks its scheduler); the executor may or may not stop the work, and whatever comes back
+in batches (``_DaskBatches``); each attempt keeps a future of its own.
+
+A cancelled remote attempt (timeout, failed run, ``stop()``) gets ``future.cancel()``, called
+from one of the server's threads because an executor may block in it (Dask asks its
+scheduler); the executor may or may not stop the work, and whatever comes back
 later is a stale outcome, as for an abandoned thread.
 """
 
@@ -321,8 +323,9 @@ class RemotePool:
         """The error to record when the executor, not the task, failed the attempt."""
         if isinstance(exc, cf.CancelledError):
             return CancelledError(att.token.reason or "cancelled")
-        text = f"{type(exc).__name__}: {exc}"
-        if _pickling_failed(exc):
+        cause = _pickling_cause(exc)
+        if cause is not None:
+            text = f"{type(cause).__name__}: {cause}"
             error = ThreadflowError(
                 f"task {att.task()!r} attempt {att.number}: {self._label} could not send the "
                 f"attempt to its workers ({text}). A remote executor pickles the task "
@@ -438,7 +441,8 @@ class _DaskBatches:
             self._client.loop.add_callback(self._arrive, sent)
 
     def _map(self, turn: list[tuple[Attempt, tuple[Any, ...]]]) -> list[Any]:
-        if getattr(self._executor, "_shutdown", False):  # what its submit() would say
+        # What ClientExecutor.submit() says once shut down (a Client's _shutdown is a method).
+        if getattr(self._executor, "_shutdown", None) is True:
             raise RuntimeError("cannot schedule new futures after shutdown")
         nonce = self._pool._nonce
         futures = self._client.map(
@@ -502,6 +506,24 @@ class _DaskBatches:
                 pool._post_outcome(att, outcome)
             except BaseException as exc:  # the executor failed, not the task: it never raises
                 pool._post_error(att, pool._error(att, exc))
+
+
+def _pickling_cause(exc: BaseException) -> BaseException | None:
+    """The error that says a job did not pickle: ``exc`` or one it was raised from, or None.
+
+    The innermost such error is taken: Dask wraps the pickler's error in a ``TypeError("Could
+    not serialize object of type ...", <a repr of the whole call, state pickles included>)``,
+    which says nothing the inner one does not, at great length.
+    """
+    found = None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if _pickling_failed(link):
+            found = link
+        link = link.__cause__ or link.__context__
+    return found
 
 
 def _pickling_failed(exc: BaseException) -> bool:
