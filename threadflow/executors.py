@@ -472,10 +472,14 @@ class _DaskBatches:
 
     async def _drain(self) -> None:
         """On the event loop: post outcomes, a batch of finished futures at a time."""
+        import asyncio  # loaded already: Dask runs on it
+
         try:
             async for future in self._done:
                 await self._answer([future, *self._done.next_batch(block=False)])
-        except BaseException:  # pragma: no cover - _answer never raises
+        except asyncio.CancelledError:  # the client is closing its event loop
+            raise
+        except Exception:  # pragma: no cover - _answer never raises
             log.exception("threadflow: reading the outcomes of Dask attempts failed")
         finally:
             self._draining = False
@@ -491,7 +495,10 @@ class _DaskBatches:
                 log.debug("threadflow: gathering %d Dask results failed", len(done), exc_info=True)
         pool = self._pool
         for future in batch:
-            att, pending = self._atts.pop(future.key)
+            found = self._atts.pop(future.key, None)
+            if found is None:  # pragma: no cover - every future watched was sent with its attempt
+                continue
+            att, pending = found
             pending.clear()
             att.returned = True
             try:
