@@ -108,3 +108,28 @@ class BoundToThisProcess:
 
     def __reduce__(self):
         raise TypeError("a BoundToThisProcess stays in the process that made it")
+
+
+class BoundParent(BoundToThisProcess):
+    """The same, as a parent's task function."""
+
+    def __call__(self, state):
+        return "ran"
+
+
+def where(state):
+    """A parent that reports where it ran."""
+    return os.getpid()
+
+
+def hang_child_zero_once(child, state):
+    """Child 0's first attempt waits on its token until its deadline; the others return their
+    id at once, as child 0's later attempts do."""
+    child_id, _ = child
+    if child_id == 0 and attempt(state, "hang-0") == 1:
+        try:
+            threadflow.sleep(LONG)
+        except CancelledError as exc:
+            write(state, "woke-0", exc.reason)
+            raise
+    return child_id

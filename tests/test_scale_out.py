@@ -38,8 +38,8 @@ def events(store_path, run_id, kind=None):
 
 
 @pytest.fixture(scope="module")
-def dask_executor(tmp_path_factory):
-    """An executor on a fresh LocalCluster: 2 worker processes of 2 threads, loopback only."""
+def dask_client(tmp_path_factory):
+    """A client of a fresh LocalCluster: 2 worker processes of 2 threads, loopback only."""
     pytest.importorskip(
         "distributed", reason="the dask extra is not installed: pip install '.[dask]'"
     )
@@ -62,10 +62,16 @@ def dask_executor(tmp_path_factory):
         )
     client = Client(cluster)
     try:
-        yield client.get_executor()
+        yield client
     finally:
         client.close()
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def dask_executor(dask_client):
+    """The cluster's ``concurrent.futures`` face, as the docs pass it: ``get_executor()``."""
+    return dask_client.get_executor()
 
 
 @pytest.fixture(scope="module")
@@ -245,29 +251,148 @@ def test_max_concurrency_holds_across_the_cluster(dask_executor, store_path):
     assert most <= 2
 
 
+class Batched(Flow):
+    batched = task(
+        task_func=tasks.add_numbers,
+        child_task_func=tasks.square,
+        child_executor="dask",
+        max_concurrency=4,
+        next=ALL_OVER,
+    )
+
+
+def test_children_on_dask_reach_the_scheduler_in_batches(dask_client, store_path):
+    from dask_graphs import GraphLog, graphs_seen
+
+    dask_client.register_plugin(GraphLog())
+    try:
+        res = Batched.run(store=store_path, executors={"dask": dask_client.get_executor()}, n=24)
+        graphs = dask_client.run_on_scheduler(graphs_seen)
+    finally:
+        dask_client.unregister_scheduler_plugin(GraphLog.name)
+
+    assert res.outcome == "all_over", res.error
+    assert [r["square"] for _, r in results(res.state, "batched")] == [i * i for i in range(24)]
+    # One Dask task per attempt, named after its task (Dask's dashboard groups them so) ...
+    mine = [keys for keys in graphs if any(key.startswith("batched-") for key in keys)]
+    keys = [key for graph in mine for key in graph]
+    assert len(set(keys)) == len(keys) == 24
+    assert all(key.startswith("batched-") for key in keys)
+    # ... sent a turn at a time: the first max_concurrency children in one graph, and the
+    # ones that replace finished children together with whatever else finished meanwhile.
+    assert len(mine[0]) == 4
+    assert len(mine) < 24
+
+
+class TimeoutInABatch(Flow):
+    fan = task(
+        task_func=tasks.add_numbers,
+        child_task_func=tasks.hang_child_zero_once,
+        child_executor="dask",
+        max_concurrency=4,
+        task_timeout=2,
+        task_retry_limit=2,
+        next=ALL_OVER,
+    )
+
+
+def test_a_timeout_in_a_batch_on_dask_cancels_only_that_child(dask_executor, store_path, tmp_path):
+    # The four children start together in one batch; only child 0 passes its deadline.
+    with TimeoutInABatch.start_link(
+        store=store_path, executors={"dask": dask_executor}, dir=str(tmp_path), n=4
+    ) as server:
+        res = server.start_flow().result(timeout=HANG_GUARD)
+        assert res.outcome == "all_over", res.error
+        assert wait_until(lambda: events(store_path, res.run_id, "stale"), HANG_GUARD)
+
+    log = events(store_path, res.run_id)
+    assert [(e.child_id, e.attempt) for e in log if e.kind == "timeout"] == [(0, 1)]
+    assert [(e.child_id, e.attempt) for e in log if e.kind == "stale"] == [(0, 1)]
+    over = sorted(
+        (e.child_id, e.attempt) for e in log if e.kind == "task_over" and e.child_id is not None
+    )
+    assert over == [(0, 2), (1, 1), (2, 1), (3, 1)]
+    assert dict(results(res.state, "fan")) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert wait_until(Path(tmp_path, "woke-0").exists, HANG_GUARD)
+    assert Path(tmp_path, "woke-0").read_text() == "timeout"
+
+
+class OneTurnTwoTasks(Flow):
+    root = task(task_func=tasks.where, next=["good", "bad"])
+    good = task(task_func=tasks.where, executor="dask", next=ALL_OVER)
+    bad = task(task_func=tasks.BoundParent(), executor="dask", task_retry_limit=1, next=ALL_OVER)
+
+
+def test_an_attempt_that_cannot_go_to_dask_fails_alone_with_a_clear_error(dask_client, store_path):
+    from dask_graphs import GraphLog, graphs_seen
+
+    # good and bad start in the same turn, so their attempts go to Dask in one call, which bad
+    # spoils: its task function refuses pickling. Each is then sent on its own.
+    dask_client.register_plugin(GraphLog())
+    try:
+        res = OneTurnTwoTasks.run(store=store_path, executors={"dask": dask_client.get_executor()})
+        graphs = dask_client.run_on_scheduler(graphs_seen)
+    finally:
+        dask_client.unregister_scheduler_plugin(GraphLog.name)
+
+    assert res.outcome == "failed_over"
+    assert res.task == ("bad",)
+    assert isinstance(res.error, ThreadflowError)
+    message = str(res.error)
+    assert "executor 'dask' could not send the attempt to its workers (TypeError: a " in message
+    assert "BoundToThisProcess stays in the process that made it)" in message
+    assert "define the function at the top level of a module" in message
+    assert len(message) < 600  # Dask's own message repeats the whole call, state included
+    # good went to the cluster, alone, and nothing of bad's failure touched it.
+    assert [graph for graph in graphs if any("good-" in key or "bad-" in key for key in graph)] == [
+        [key for graph in graphs for key in graph if key.startswith("good-")]
+    ]
+    log = events(store_path, res.run_id)
+    assert [e.kind for e in log if e.task == "good"][0] == "task_started"
+    assert not [e for e in log if e.task == "good" and e.kind == "exit" and "pickl" in str(e.data)]
+
+
+def test_a_dask_client_itself_may_be_the_executor(dask_client, store_path):
+    res = AllOnDask.run(store=store_path, executor=dask_client, n=3)
+
+    assert res.outcome == "all_over", res.error
+    found = list(results(res.state, "fan"))
+    assert [(cid, r["square"]) for cid, r in found] == [(0, 0), (1, 1), (2, 4)]
+    assert os.getpid() not in {r["pid"] for _, r in found}
+
+
 class HangsOnDask(Flow):
     fan = task(
         task_func=tasks.add_numbers,
         child_task_func=tasks.started_then_hang,
         child_executor="dask",
+        max_concurrency=3,
         task_timeout=10,
         next=ALL_OVER,
     )
 
 
 def test_stop_interrupts_a_run_whose_children_are_on_dask(dask_executor, store_path, tmp_path):
+    # Three children, sent together in one batch, all running when stop() comes.
     server = HangsOnDask.start_link(
-        store=store_path, executors={"dask": dask_executor}, dir=str(tmp_path), n=1
+        store=store_path, executors={"dask": dask_executor}, dir=str(tmp_path), n=3
     )
     handle = server.start_flow()
-    assert wait_until(Path(tmp_path, "started-0").exists, HANG_GUARD)
+    for i in range(3):
+        assert wait_until(Path(tmp_path, f"started-{i}").exists, HANG_GUARD)
     began = time.monotonic()
     server.stop(timeout=4)
 
     assert time.monotonic() - began < 4
     assert handle.result(timeout=HANG_GUARD).outcome == "interrupted"
-    kinds = [e.kind for e in events(store_path, handle.run_id)]
-    assert kinds[-1] == "interrupted"
+    log = events(store_path, handle.run_id)
+    assert log[-1].kind == "interrupted"
+    # Each one's future was cancelled: it ended at once, as cancelled by the stop.
+    ended = {e.child_id: e.data["error"] for e in log if e.kind == "exit"}
+    assert sorted(ended) == [0, 1, 2]
+    assert {(error["type"], error["message"]) for error in ended.values()} == {
+        ("threadflow.errors.CancelledError", "attempt cancelled (stop)")
+    }
 
 
 # --- ProcessPoolExecutor ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .errors import (
     ThreadflowError,
 )
 from .events import HEARTBEAT, RunHistory, decode_id, describe, error_data, error_json, safe_repr
-from .executors import make_pools
+from .executors import batching_pools, make_pools
 from .isolation import ThreadPool, run_attempt
 from .messages import (
     AddChildren,
@@ -290,6 +290,8 @@ class Coordinator:
         self.threads = ThreadPool(name)  # starts no thread until it is given work
         # Task name -> (parent pool, child pool): where its attempts run (placed by start_link).
         self._pools = make_pools(placed, self.threads)
+        # Pools that send a turn's attempts together (Dask): flushed at the end of each turn.
+        self._batching = batching_pools(self._pools)
         self.procs = ProcessPool(self)  # subprocess attempts; starts processes only when needed
         self.thread = threading.Thread(
             target=self._main, name=f"threadflow-coordinator-{name}", daemon=True
@@ -1538,6 +1540,8 @@ class Coordinator:
                     pool.submit(run_attempt, att)
                 except BaseException as exc:  # e.g. a user executor that was shut down
                     self.post(Done(att.uid, exc, error_json(exc)))
+            for batching in self._batching:  # send what the submits above kept back
+                batching.flush()
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:

@@ -15,9 +15,14 @@ child_executor=)`` picks one by name. There are two kinds:
   cancels itself at the deadline, since nothing else can reach it there.
 
 No thread waits for a remote attempt: the future's done callback posts the outcome to the
-coordinator's inbox. A cancelled remote attempt (timeout, failed run, ``stop()``) gets
-``future.cancel()``, called from one of the server's threads because an executor may block in
-it (Dask asks its scheduler); the executor may or may not stop the work, and whatever comes back
+coordinator's inbox. Dask's executors (``Client.get_executor()``, or a ``Client``) are driven
+through their client instead, a turn at a time: the attempts the coordinator submits in one
+turn go to the cluster in one ``client.map`` when it calls ``flush()``, and outcomes come back
+in batches (``_DaskBatches``); each attempt keeps a future of its own.
+
+A cancelled remote attempt (timeout, failed run, ``stop()``) gets ``future.cancel()``, called
+from one of the server's threads because an executor may block in it (Dask asks its
+scheduler); the executor may or may not stop the work, and whatever comes back
 later is a stale outcome, as for an abandoned thread.
 """
 
@@ -29,10 +34,11 @@ import functools
 import logging
 import os
 import pickle
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._clock import monotonic
 from ._portable import PICKLE, RemoteAttempt, StateCopier, load_error, run_job
@@ -154,6 +160,20 @@ def make_pools(
     return {task: (pool(parent), pool(child)) for task, (parent, child) in placed.items()}
 
 
+def batching_pools(pools: Mapping[str, tuple[Any, Any]]) -> list[Any]:
+    """The pools among ``pools`` that keep a turn's attempts until their ``flush()``.
+
+    The coordinator calls ``flush()`` on each of them after the submits of every turn; a pool
+    with nothing kept does nothing then.
+    """
+    found: dict[int, Any] = {}
+    for pair in pools.values():
+        for pool in pair:
+            if callable(getattr(pool, "flush", None)):
+                found[id(pool)] = pool
+    return list(found.values())
+
+
 class ExecutorPool:
     """Runs attempts in a user's in-process executor (a ``ThreadPoolExecutor``)."""
 
@@ -185,30 +205,23 @@ class RemotePool:
         # hash of its function and arguments (unless pure=False), and would answer a retry, or
         # an attempt of another server, with the result it holds for an equal job.
         self._nonce = uuid.uuid4().hex
+        # Dask: a turn's attempts go in one client.map, outcomes come back in batches.
+        found = _dask_client(executor)
+        self._dask = None if found is None else _DaskBatches(self, *found)
 
     def submit(self, fn: Callable[[Any], None], att: Attempt) -> None:
-        """Send ``att`` to the executor; the future's done callback posts its outcome.
+        """Send ``att`` to the executor; its outcome is posted to the coordinator's inbox.
 
         ``fn`` (``run_attempt``, which runs an attempt in this
         process) is not used: the executor's worker runs ``_run_remote``. Never raises.
-        Called on the coordinator thread, right after ``att.deadline`` was set.
+        Called on the coordinator thread, right after ``att.deadline`` was set. On Dask the
+        attempt waits for :meth:`flush`, at the end of the same turn.
         """
         try:
-            spec = att.stage.spec
-            func = self._ref(spec.task_func if att.child_json is None else spec.child_task_func)
-            left = None if att.deadline is None else max(0.0, att.deadline - monotonic())
-            job = (
-                f"{self._nonce}-{att.uid}",
-                att.stage.name,
-                att.child_json,
-                att.data,
-                spec.child_task_func is not None,
-                att.run.run_id,
-                func,
-                self._copier.blobs(att),
-                left,
-                codec_ref(att.coord.definition.codec),
-            )
+            job = self._job(att)
+            if self._dask is not None:
+                self._dask.add(att, job)
+                return
             future = self._executor.submit(_run_remote, job)
         except Exception as exc:  # e.g. the executor was shut down, or the job does not pickle
             self._post_error(att, self._error(att, exc))
@@ -219,6 +232,33 @@ class RemotePool:
         pending = [future]
         att.token.on_cancel(lambda: self._cancel_later(pending))
         future.add_done_callback(lambda done: self._done(att, done, pending))
+
+    def flush(self) -> None:
+        """Send the attempts of this turn that wait for it (Dask only), in one call.
+
+        Called by the coordinator at the end of each turn that submitted attempts, after the
+        last ``submit``. Never raises.
+        """
+        if self._dask is not None:
+            self._dask.flush()
+
+    def _job(self, att: Attempt) -> tuple[Any, ...]:
+        """What ``_run_remote`` gets for ``att``: picklable, and unique (see ``_nonce``)."""
+        spec = att.stage.spec
+        func = self._ref(spec.task_func if att.child_json is None else spec.child_task_func)
+        left = None if att.deadline is None else max(0.0, att.deadline - monotonic())
+        return (
+            f"{self._nonce}-{att.uid}",
+            att.stage.name,
+            att.child_json,
+            att.data,
+            spec.child_task_func is not None,
+            att.run.run_id,
+            func,
+            self._copier.blobs(att),
+            left,
+            codec_ref(att.coord.definition.codec),
+        )
 
     def _cancel_later(self, pending: list[Any]) -> None:
         """A token callback (the cancelling thread: quick, never raises)."""
@@ -252,13 +292,17 @@ class RemotePool:
         """The future is done: post the outcome. Runs in the executor's thread; never raises."""
         pending.clear()
         att.returned = True
+        try:
+            outcome = future.result()
+        except BaseException as exc:  # the executor failed, not the task: it never raises
+            self._post_error(att, self._error(att, exc))
+            return
+        self._post_outcome(att, outcome)
+
+    def _post_outcome(self, att: Attempt, outcome: tuple[Any, ...]) -> None:
+        """Post what ``_run_remote`` returned for ``att``. Never raises."""
         post = att.coord.post
         try:
-            try:
-                outcome = future.result()
-            except BaseException as exc:  # the executor failed, not the task: it never raises
-                self._post_error(att, self._error(att, exc))
-                return
             if outcome[0] == "over":
                 _, data, ids, datas = outcome
                 if ids:
@@ -279,8 +323,9 @@ class RemotePool:
         """The error to record when the executor, not the task, failed the attempt."""
         if isinstance(exc, cf.CancelledError):
             return CancelledError(att.token.reason or "cancelled")
-        text = f"{type(exc).__name__}: {exc}"
-        if _pickling_failed(exc):
+        cause = _pickling_cause(exc)
+        if cause is not None:
+            text = f"{type(cause).__name__}: {cause}"
             error = ThreadflowError(
                 f"task {att.task()!r} attempt {att.number}: {self._label} could not send the "
                 f"attempt to its workers ({text}). A remote executor pickles the task "
@@ -291,6 +336,201 @@ class RemotePool:
             error.__cause__ = exc
             return error
         return exc
+
+
+def _dask_client(executor: Any) -> tuple[Any, Any, dict[str, Any]] | None:
+    """``(executor, client, options)`` if ``executor`` is Dask's, else None.
+
+    ``Client.get_executor()`` (a ``distributed.cfexecutor.ClientExecutor``) and a ``Client``
+    itself count; ``options`` are what the executor's ``submit()`` would pass on to the client
+    (``workers=``, ``resources=``, ``retries=`` ...). Dask is looked for only if it was
+    imported: an executor of Dask cannot exist without that, and an import costs a second.
+    """
+    distributed = sys.modules.get("distributed")
+    client_type = getattr(distributed, "Client", None)
+    if client_type is None:
+        return None
+    if isinstance(executor, client_type):
+        return executor, executor, {}
+    try:
+        from distributed.cfexecutor import ClientExecutor
+    except ImportError:  # pragma: no cover - a Dask without it: the generic path works
+        return None
+    if isinstance(executor, ClientExecutor):
+        client = getattr(executor, "_client", None)
+        options = getattr(executor, "_kwargs", None)
+        if isinstance(client, client_type) and isinstance(options, dict):
+            return executor, client, options
+    return None  # another executor, or a ClientExecutor whose insides changed: one by one
+
+
+class _DaskBatches:
+    """The attempts of a :class:`RemotePool` on Dask: sent a turn at a time, answered in
+    batches.
+
+    Through ``Executor.submit`` every attempt is a message of its own to the scheduler, its
+    outcome a request of its own for the result, and each crosses three threads of this
+    process on its way back; for short children that costs more than the children. Here
+    ``add`` (coordinator thread) keeps a turn's attempts and ``flush`` (coordinator thread, end
+    of the turn) sends them with one ``client.map``: one message, whatever their number. Each
+    attempt still has a future of its own, under a key of its own (the task's name first, so
+    that Dask's dashboard groups them by task): its deadline, its cancel (``future.cancel()``
+    when its token is cancelled) and a late outcome stay per attempt, and ``max_concurrency``
+    holds because the coordinator submits exactly what it would submit one by one.
+
+    Outcomes are read on the client's event loop, where Dask learns them: one coroutine per
+    pool (``_drain``) takes every future that finished meanwhile, fetches their results with one
+    ``client.gather`` and posts them to the coordinator's inbox, which takes them in one turn
+    and sends the attempts that replace them in one ``client.map``. The busier the cluster,
+    the bigger the batches.
+
+    Invariant: ``_done``, ``_atts`` and ``_draining`` are touched only on the event loop;
+    ``_drain`` runs whenever ``_done`` holds a future, and ends when it holds none.
+    """
+
+    def __init__(
+        self, pool: RemotePool, executor: Any, client: Any, options: dict[str, Any]
+    ) -> None:
+        from distributed import as_completed
+
+        self._pool = pool
+        self._executor = executor
+        self._client = client
+        # The keys name the jobs, so pure= (naming by a hash of the job) has nothing to do.
+        self._options = {k: v for k, v in options.items() if k != "pure"}
+        self._turn: list[tuple[Attempt, tuple[Any, ...]]] = []  # coordinator thread only
+        self._done: Any = cast(Any, as_completed)(loop=client.loop)  # futures that finished
+        self._atts: dict[Any, tuple[Attempt, list[Any]]] = {}  # future key -> attempt
+        self._draining = False
+
+    def add(self, att: Attempt, job: tuple[Any, ...]) -> None:
+        self._turn.append((att, job))
+
+    def flush(self) -> None:
+        """Send the turn's attempts. Never raises: an attempt that could not be sent is
+        posted as an ``exit`` with the error."""
+        if not self._turn:
+            return
+        turn, self._turn = self._turn, []
+        try:
+            futures: list[Any] = self._map(turn)
+        except Exception as exc:
+            if len(turn) == 1:
+                self._refused(turn[0][0], exc)
+                return
+            # One job may spoil the call (it does not pickle, say): send each alone, so that
+            # only the attempts that cannot go fail, each with its own error.
+            futures = []
+            for one in turn:
+                try:
+                    futures.extend(self._map([one]))
+                except Exception as exc_one:
+                    self._refused(one[0], exc_one)
+                    futures.append(None)
+        sent = []
+        cancel_later = self._pool._cancel_later
+        for (att, _), future in zip(turn, futures, strict=True):
+            if future is None:
+                continue
+            # As on the one-by-one path: the token reaches the future through a list that the
+            # outcome empties, so that no cycle keeps a finished future alive.
+            pending = [future]
+            att.token.on_cancel(functools.partial(cancel_later, pending))
+            sent.append((att, future, pending))
+        if sent:
+            self._client.loop.add_callback(self._arrive, sent)
+
+    def _map(self, turn: list[tuple[Attempt, tuple[Any, ...]]]) -> list[Any]:
+        # What ClientExecutor.submit() says once shut down (a Client's _shutdown is a method).
+        if getattr(self._executor, "_shutdown", None) is True:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        nonce = self._pool._nonce
+        futures = self._client.map(
+            _run_remote,
+            [job for _, job in turn],
+            key=[f"{att.stage.name}-{nonce}-{att.uid}" for att, _ in turn],
+            pure=False,
+            **self._options,
+        )
+        known = getattr(self._executor, "_futures", None)
+        if known is not None and hasattr(known, "update"):
+            known.update(futures)  # ClientExecutor.shutdown() waits for (or cancels) them
+        return list(futures)
+
+    def _refused(self, att: Attempt, exc: BaseException) -> None:
+        self._pool._post_error(att, self._pool._error(att, exc))
+        att.returned = True
+
+    def _arrive(self, sent: list[tuple[Attempt, Any, list[Any]]]) -> None:
+        """On the event loop: watch the futures just sent."""
+        for att, future, pending in sent:
+            self._atts[future.key] = (att, pending)
+        self._done.update([future for _, future, _ in sent])
+        if not self._draining:
+            self._draining = True
+            self._client.loop.add_callback(self._drain)
+
+    async def _drain(self) -> None:
+        """On the event loop: post outcomes, a batch of finished futures at a time."""
+        import asyncio  # loaded already: Dask runs on it
+
+        try:
+            async for future in self._done:
+                await self._answer([future, *self._done.next_batch(block=False)])
+        except asyncio.CancelledError:  # the client is closing its event loop
+            raise
+        except Exception:  # pragma: no cover - _answer never raises
+            log.exception("threadflow: reading the outcomes of Dask attempts failed")
+        finally:
+            self._draining = False
+
+    async def _answer(self, batch: list[Any]) -> None:
+        done = [future for future in batch if future.status == "finished"]
+        got: dict[Any, Any] = {}
+        if done:
+            try:
+                values = await self._client.gather(done, asynchronous=True)
+                got = dict(zip([future.key for future in done], values, strict=True))
+            except Exception:  # e.g. a result lost with its worker: each one on its own below
+                log.debug("threadflow: gathering %d Dask results failed", len(done), exc_info=True)
+        pool = self._pool
+        for future in batch:
+            found = self._atts.pop(future.key, None)
+            if found is None:  # pragma: no cover - every future watched was sent with its attempt
+                continue
+            att, pending = found
+            pending.clear()
+            att.returned = True
+            try:
+                if future.key in got:
+                    pool._post_outcome(att, got[future.key])
+                    continue
+                if future.status == "cancelled":
+                    raise cf.CancelledError()
+                if future.status == "error":  # the executor's error (KilledWorker ...)
+                    raise await future.exception(asynchronous=True)
+                [outcome] = await self._client.gather([future], asynchronous=True)
+                pool._post_outcome(att, outcome)
+            except BaseException as exc:  # the executor failed, not the task: it never raises
+                pool._post_error(att, pool._error(att, exc))
+
+
+def _pickling_cause(exc: BaseException) -> BaseException | None:
+    """The error that says a job did not pickle: ``exc`` or one it was raised from, or None.
+
+    The innermost such error is taken: Dask wraps the pickler's error in a ``TypeError("Could
+    not serialize object of type ...", <a repr of the whole call, state pickles included>)``,
+    which says nothing the inner one does not, at great length.
+    """
+    found = None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if _pickling_failed(link):
+            found = link
+        link = link.__cause__ or link.__context__
+    return found
 
 
 def _pickling_failed(exc: BaseException) -> bool:

@@ -3,7 +3,7 @@
     python tools/bench_scale.py [--children 10000] [--sleep 0.01] [--concurrency 16]
                                 [--workers 2] [--threads 8] [--rounds 1] [--only dask]
 
-Needs the ``dask`` extra (``pip install '.[dask]'``). Three workloads run the same number of
+Needs the ``dask`` extra (``pip install '.[dask]'``). Four workloads run the same number of
 children that each sleep ``--sleep`` seconds:
 
 * ``threads``: threadflow with the server's own threads (``max_concurrency=C``);
@@ -11,7 +11,11 @@ children that each sleep ``--sleep`` seconds:
   ``distributed.LocalCluster`` on loopback with ``--workers`` processes of ``--threads``
   threads each (``max_concurrency=C``, ``client.get_executor(pure=False)``);
 * ``raw``: ``client.map`` of the same sleep on the same cluster, with no limit but the
-  cluster's threads.
+  cluster's threads;
+* ``capped``: plain Dask on the same cluster with at most C sleeps at a time, as a Dask program
+  would hold a cap: ``as_completed(...).batches()``, each batch replaced by one ``client.map``.
+  Each of its tasks waits for a free slot, as threadflow's children do: the round trip from the
+  client to a worker and back is paid once per slot turn, not once for all.
 
 Every threadflow run writes its full event log to a fresh store in a temporary directory.
 Rounds interleave the workloads; the best round of each is printed, with the ratios.
@@ -75,6 +79,22 @@ def timed_raw(client: Any, n: int, seconds: float) -> float:
     return elapsed
 
 
+def timed_capped(client: Any, n: int, seconds: float, cap: int) -> float:
+    from distributed import as_completed
+
+    start = time.perf_counter()
+    first = min(cap, n)
+    done = as_completed(client.map(raw_nap, [seconds] * first, range(first), pure=False))
+    sent = first
+    for batch in done.batches():
+        client.gather(batch)
+        more = min(len(batch), n - sent)
+        if more:
+            done.update(client.map(raw_nap, [seconds] * more, range(sent, sent + more), pure=False))
+            sent += more
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--children", type=int, default=10_000)
@@ -84,15 +104,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="threads per worker")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
-        "--only", choices=("threads", "dask", "raw"), action="append", help="run only these"
+        "--only",
+        choices=("threads", "dask", "raw", "capped"),
+        action="append",
+        help="run only these",
     )
     args = parser.parse_args()
-    only = set(args.only or ("threads", "dask", "raw"))
+    only = set(args.only or ("threads", "dask", "raw", "capped"))
     n, c, s = args.children, args.concurrency, args.sleep
     on_threads, on_dask = make_flows(c)
     times: dict[str, list[float]] = {name: [] for name in only}
     client = cluster = None
-    if only & {"dask", "raw"}:
+    if only & {"dask", "raw", "capped"}:
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(
@@ -118,6 +141,8 @@ def main() -> None:
                     )
                 if "raw" in only:
                     times["raw"].append(timed_raw(client, n, s))
+                if "capped" in only:
+                    times["capped"].append(timed_capped(client, n, s, c))
     finally:
         if client is not None:
             client.close()
@@ -129,11 +154,12 @@ def main() -> None:
         "threads": f"threadflow, its own threads (max_concurrency={c})",
         "dask": f"threadflow, children on Dask {cluster_shape} (max_concurrency={c})",
         "raw": f"raw client.map on the same cluster ({cluster_shape})",
+        "capped": f"raw Dask on the same cluster, at most {c} at a time",
     }
     cpus = os.cpu_count()
     print(f"{n} children sleeping {s * 1000:g} ms, best of {args.rounds} round(s), {cpus} CPUs")
     width = max(len(label) for label in labels.values())
-    for name in ("threads", "dask", "raw"):
+    for name in ("threads", "dask", "raw", "capped"):
         if name in best:
             t = best[name]
             print(f"  {labels[name]:<{width}} {n / t:8,.0f} /s  ({t:.2f} s)")
@@ -143,6 +169,9 @@ def main() -> None:
     if "raw" in best and "dask" in best:
         label = "ratio: threadflow on Dask / raw client.map"
         print(f"  {label:<{width}} {best['raw'] / best['dask']:8.2f}")
+    if "capped" in best and "dask" in best:
+        label = f"ratio: threadflow on Dask / raw Dask at most {c} at a time"
+        print(f"  {label:<{width}} {best['capped'] / best['dask']:8.2f}")
 
 
 if __name__ == "__main__":
