@@ -75,6 +75,7 @@ def _checked_inputs(
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
+    from .schedule import Schedule
 
 
 def _registry_servers() -> list[Flow]:
@@ -470,6 +471,83 @@ class Flow:
         """
         grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
         self._coord.stop(grace, timeout)
+
+    @classmethod
+    def schedule(
+        cls,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        cron: str | None = None,
+        every: float | datetime.timedelta | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        overlap: str = "skip",
+        catch_up: str = "none",
+        catch_up_limit: int = 100,
+        tz: str | datetime.tzinfo | None = None,
+        entrance: str | None = None,
+        server: Flow | None = None,
+        tick_input: str | None = "scheduled_at",
+        grace: float = 60.0,
+        clock_check: float = 1.0,
+    ) -> Schedule:
+        """Start a run of this flow at each tick of ``cron`` or of ``every``; see
+        docs/schedule.md.
+
+        Every tick's decision (fired, skipped, queued, missed, caught up) is recorded in the
+        store (``EventStore.ticks(name)``, ``threadflow ticks``). Processes that share the store
+        and the schedule's name fire each tick once between them.
+
+        :param store: the store file, as ``start_link`` takes it (leave it out with ``server``).
+        :param cron: a cron expression (``"*/5 * * * *"``; 6 fields: seconds first), read in
+            ``tz``. Exactly one of ``cron`` and ``every``.
+        :param every: seconds between ticks (or a ``timedelta``); ticks fall on the multiples
+            of it since 1970-01-01 00:00 UTC, so that every process agrees on them.
+        :param inputs: the inputs of each run, as ``start_flow(**inputs)`` takes them.
+        :param name: the schedule's name in the store (default: the flow's name); two schedules
+            of one flow need two names.
+        :param overlap: what a tick does while the schedule's previous run still runs:
+            ``"skip"`` (recorded skipped) or ``"queue"`` (runs when that run ends; one tick
+            waits at most, later ones are skipped while it waits).
+        :param catch_up: what the ticks missed while no scheduler ran become: ``"none"``
+            (recorded missed), ``"latest"`` (the latest runs) or ``"all"`` (each runs, one
+            after another, at most ``catch_up_limit`` of them, the latest ones).
+        :param tz: the zone ``cron`` is read in (an IANA name or a ``tzinfo``; default UTC).
+        :param entrance: the task runs start at (default: the flow's ``default_entrance``).
+        :param server: a running server of this flow to start the runs on (default: the
+            schedule starts its own on ``store``, and ``stop()`` stops it).
+        :param tick_input: the name of the input that gets the tick's time (ISO 8601 text,
+            UTC), or None for none.
+        :param grace: seconds a tick may be late (the machine slept, the process was paused)
+            and still run as a tick; a later one counts as missed and goes by ``catch_up``.
+        :param clock_check: the longest the scheduler waits without looking at the wall clock
+            (a clock that is set, or a machine that slept, is noticed within it).
+        :returns: the running :class:`~threadflow.Schedule`: ``.next_fire``, ``.stop()``.
+        :raises TypeError: for both or neither of ``cron`` and ``every``, or a mistyped value.
+        :raises ValueError: for a bad cron expression (naming its bad field), a non-positive
+            ``every``, an unknown ``overlap``, ``catch_up`` or ``tz``.
+        :raises ThreadflowError: if a schedule of that name already runs in this process on
+            that store, or if a server of this flow already runs (pass it as ``server``).
+        """
+        from . import schedule as _schedule
+
+        definition = cls.definition
+        opts = _schedule.check_options(
+            definition.name if definition is not None else cls.__qualname__,
+            cron=cron,
+            every=every,
+            tz=tz,
+            name=name,
+            overlap=overlap,
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+            grace=grace,
+            clock_check=clock_check,
+            entrance=entrance,
+            inputs=inputs,
+            tick_input=tick_input,
+        )
+        return _schedule.start(cls, store, server, opts)
 
     @classmethod
     def whereis(cls, name: Any) -> Flow | None:
