@@ -269,14 +269,20 @@ def _check_writable(path: str) -> None:
     """Refuse a file this process may not write, before SQLite opens it.
 
     SQLite would open it read-only without an error, and leave ``-wal`` and ``-shm`` files
-    that it cannot remove beside it. Opening it for writing asks the system itself, which
-    knows about ACLs, read-only mounts and root. Other errors are left to SQLite to tell.
+    that it cannot remove beside it. ``access(2)`` asks the system itself, which knows about
+    ACLs, read-only mounts and root. Other errors are left to SQLite to tell.
+
+    Never by opening and closing the file: closing any descriptor of it drops every POSIX lock
+    this process holds on it, SQLite's locks of its other connections to the store included
+    (a second server, a schedule). Another process then takes the store for unused, and its
+    reader deletes the WAL those connections go on writing into: their commits are seen by
+    nobody else, and lost if this process dies.
     """
-    try:
-        os.close(os.open(path, os.O_RDWR))
-    except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
-            raise _not_writable(path, exc.strerror or str(exc)) from exc
+    effective = os.access in os.supports_effective_ids  # as open() decides: effective ids
+    if os.access(path, os.W_OK, effective_ids=effective):
+        return
+    read_only_mount = hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    raise _not_writable(path, os.strerror(errno.EROFS if read_only_mount else errno.EACCES))
 
 
 def check_readable(path: str) -> None:
