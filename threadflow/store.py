@@ -616,7 +616,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             "lease": float,
         },
         pk=("schedule", "tick"),
-        not_null=["decision", "count", "decided"],
+        not_null=["schedule", "tick", "decision", "count", "decided"],
         if_not_exists=True,
         strict=True,
     )
