@@ -107,6 +107,16 @@ def test_every_ticks_fall_on_multiples_of_the_interval_since_the_epoch(store_pat
     assert res.state["scheduled_at"] == iso(at(12, 3, 45))
 
 
+def test_next_fire_of_sub_second_intervals_and_six_field_cron_expressions(store_path):
+    with freezegun.freeze_time(at(12, 0, 0) + datetime.timedelta(microseconds=100_000)):
+        with Quick.schedule(store=store_path, every=0.25) as sched:
+            assert sched.next_fire == at(12, 0, 0) + datetime.timedelta(microseconds=250_000)
+        with Quick.schedule(store=store_path, cron="*/20 * * * * *") as sched:
+            assert sched.next_fire == at(12, 0, 20)
+        with Quick.schedule(store=store_path, every=datetime.timedelta(hours=1)) as sched:
+            assert sched.next_fire == at(13, 0)
+
+
 def test_cron_in_a_time_zone_follows_its_daylight_saving_time(store_path):
     with freezegun.freeze_time(at(1, 0)):  # 1 May: Paris is UTC+2
         with Quick.schedule(store=store_path, cron="0 9 * * *", tz="Europe/Paris") as sched:

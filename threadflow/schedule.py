@@ -121,9 +121,10 @@ class _Cron:
         return next(self._iterate(t, reverse=False), None)
 
     def backwards(self, t: datetime.datetime) -> Iterator[datetime.datetime]:
-        # In reverse, cronsim takes a time with microseconds as its first step back (to the whole
-        # second): starting at floor(t) + 1 us, its first tick is the last one at or before t.
-        start = t.replace(microsecond=0) + _MICRO
+        # In reverse, cronsim's first step is one second back from the whole second it is given
+        # (2.7; 2.8 takes a time with microseconds to its whole second instead): from the whole
+        # second after floor(t), its first tick is the last one at or before t, in both.
+        start = t.replace(microsecond=0) + datetime.timedelta(seconds=1)
         yield from self._iterate(start, reverse=True)
 
     def count(self, a: datetime.datetime, b: datetime.datetime) -> int | None:
@@ -481,6 +482,11 @@ class Schedule:
                     self._logged_once(f"{type(exc).__name__}: {exc}; trying again")
                 if self._cursor is not None:
                     self._next = self._opts.source.after(self._cursor)
+                if not failed and self._next is not None and self._next <= now:
+                    # Every tick up to now was decided: a next tick not after now is a bug of
+                    # the tick arithmetic; wait rather than spin on it.
+                    failed = True
+                    self._logged_once(f"tick {iso(self._next)} is due but was not decided")
                 if self._stopping.is_set():
                     break
                 # Waits for the next tick, but looks at the wall clock at least every
