@@ -78,6 +78,12 @@ if TYPE_CHECKING:
     from .schedule import Schedule
 
 
+def _running_server(name: Any) -> ServerCore | None:
+    """The server of this process named ``name`` (for methods whose ``server`` argument hides
+    the module)."""
+    return server.lookup(name)
+
+
 def _registry_servers() -> list[Flow]:
     """The servers registered in this process (for shutdown and test clean-up)."""
     return [core.flow for core in server.cores()]
@@ -530,10 +536,15 @@ class Flow:
             that store, or if a server of this flow already runs (pass it as ``server``).
         """
         from . import schedule as _schedule
+        from .store import default_path
 
         definition = cls.definition
+        if definition is None:
+            raise FlowDefinitionError(
+                f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
+            )
         opts = _schedule.check_options(
-            definition.name if definition is not None else cls.__qualname__,
+            definition.name,
             cron=cron,
             every=every,
             tz=tz,
@@ -547,7 +558,48 @@ class Flow:
             inputs=inputs,
             tick_input=tick_input,
         )
-        return _schedule.start(cls, store, server, opts)
+        if entrance is not None:
+            definition.check_entrance(entrance)
+        if server is not None:
+            if not isinstance(server, cls):
+                raise TypeError(
+                    f"schedule(server={server!r}): pass a server of {cls.__name__} (what "
+                    f"{cls.__name__}.start_link() returned)"
+                )
+            if server._core.stopped:
+                raise ThreadflowError(
+                    f"schedule(): server {server.name!r} is stopped; start one with start_link()"
+                )
+            path = server.store.path
+            if store is not None and os.path.abspath(os.fspath(store)) != os.path.abspath(path):
+                raise ValueError(
+                    f"schedule(store={os.fspath(store)!r}, server=...): the server writes to "
+                    f"{path!r}; a schedule records its ticks in its server's store, so leave out "
+                    "store="
+                )
+        else:
+            path = os.fspath(store) if store is not None else default_path()
+            if _running_server(cls._server_name) is not None:
+                raise ThreadflowError(
+                    f"schedule(): a server named {cls._server_name!r} is already running in this "
+                    f"process; pass it: {cls.__name__}.schedule(server=that_server, ...)"
+                )
+        key = _schedule.claim_name(path, opts.name)
+        try:
+            srv = server if server is not None else cls.start_link(store=path)
+            try:
+                # Checked now, not at the first tick: the check start_flow makes.
+                _checked_inputs(
+                    str(srv.name), srv._coord.extra, dict(opts.inputs), definition.codec
+                )
+                return _schedule.start(srv, server is None, opts, key)
+            except BaseException:
+                if server is None:
+                    srv.stop()
+                raise
+        except BaseException:
+            _schedule.release_name(key)
+            raise
 
     @classmethod
     def whereis(cls, name: Any) -> Flow | None:

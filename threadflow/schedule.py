@@ -28,12 +28,11 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import server as _server
 from ._clock import utcnow, wall
 from .errors import FlowRunning, StoreError, ThreadflowError
 from .events import owner_alive
 from .result import RunHandle
-from .store import EventStore, Tick, connect, default_path, ensure_schema
+from .store import EventStore, Tick, connect, ensure_schema
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -365,13 +364,10 @@ class Schedule:
         :meth:`stop`).
     """
 
-    def __init__(
-        self, flow_cls: type[Flow], srv: Flow, owns: bool, opts: _Options, conn: sqlite3.Connection
-    ) -> None:
+    def __init__(self, srv: Flow, owns: bool, opts: _Options, conn: sqlite3.Connection) -> None:
         self.name = opts.name
         self.server = srv
         self.owns_server = owns
-        self._flow_cls = flow_cls
         self._opts = opts
         self._path = srv.store.path
         self._pid = os.getpid()
@@ -787,76 +783,35 @@ class _ServerGone(Exception):
     """The schedule's server was stopped: the schedule ends."""
 
 
-def start(
-    flow_cls: type[Flow],
-    store: str | os.PathLike[str] | None,
-    srv: Flow | None,
-    opts: _Options,
-) -> Schedule:
-    """``Flow.schedule``'s work once the arguments are checked: the server, the store, the
-    thread."""
-    from .flow import Flow, _checked_inputs
+def claim_name(path: str, name: str) -> tuple[str, str]:
+    """Take the schedule name ``name`` on store ``path`` for this process.
 
-    definition = flow_cls.definition
-    if definition is None:
-        raise ThreadflowError(
-            f"flow {flow_cls.__qualname__!r} has no tasks; declare tasks with task(...)"
-        )
-    if opts.entrance is not None:
-        definition.check_entrance(opts.entrance)
-    owns = srv is None
-    if srv is not None:
-        if not isinstance(srv, Flow) or not isinstance(srv, flow_cls):
-            raise TypeError(
-                f"schedule(server={srv!r}): pass a server of {flow_cls.__name__} (what "
-                f"{flow_cls.__name__}.start_link() returned)"
-            )
-        if srv._core.stopped:
-            raise ThreadflowError(
-                f"schedule(): server {srv.name!r} is stopped; start one with start_link()"
-            )
-        path = srv.store.path
-        if store is not None and os.path.abspath(os.fspath(store)) != os.path.abspath(path):
-            raise ValueError(
-                f"schedule(store={os.fspath(store)!r}, server=...): the server writes to "
-                f"{path!r}; a schedule records its ticks in its server's store, so leave out "
-                "store="
-            )
-    else:
-        path = os.fspath(store) if store is not None else default_path()
-        running = _server.lookup(flow_cls._server_name)
-        if running is not None:
-            raise ThreadflowError(
-                f"schedule(): a server named {flow_cls._server_name!r} is already running in "
-                f"this process; pass it: {flow_cls.__name__}.schedule(server=that_server, ...)"
-            )
-    key = (os.path.abspath(path), opts.name)
+    :raises ThreadflowError: if a running schedule of this process has it.
+    """
+    key = (os.path.abspath(path), name)
     with _running_lock:
         if key in _running:
             raise ThreadflowError(
-                f"a schedule named {opts.name!r} is already running in this process on "
-                f"{path!r}; stop it first, or give this one another name= (two schedules of one "
-                "flow need two names)"
+                f"a schedule named {name!r} is already running in this process on {path!r}; "
+                "stop it first, or give this one another name= (two schedules of one flow "
+                "need two names)"
             )
         _running.add(key)
-    try:
-        if srv is None:
-            srv = flow_cls.start_link(store=path)
-        try:
-            # Checked now, not at the first tick: the same check start_flow makes.
-            _checked_inputs(str(srv.name), srv._coord.extra, dict(opts.inputs), definition.codec)
-            conn = _open(srv.store.path)
-            sched = Schedule(flow_cls, srv, owns, opts, conn)
-            sched._path = key[0]
-            sched._start()
-        except BaseException:
-            if owns:
-                srv.stop()
-            raise
-    except BaseException:
-        with _running_lock:
-            _running.discard(key)
-        raise
+    return key
+
+
+def release_name(key: tuple[str, str]) -> None:
+    with _running_lock:
+        _running.discard(key)
+
+
+def start(srv: Flow, owns: bool, opts: _Options, key: tuple[str, str]) -> Schedule:
+    """Start the schedule's thread on server ``srv`` (checked by ``Flow.schedule``), under the
+    name ``key`` that ``claim_name`` took."""
+    conn = _open(srv.store.path)
+    sched = Schedule(srv, owns, opts, conn)
+    sched._path = key[0]
+    sched._start()
     return sched
 
 
