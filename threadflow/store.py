@@ -192,7 +192,8 @@ class Tick:
     :ivar decision: one of :data:`TICK_DECISIONS`.
     :ivar run_id: the run the tick started (``fired``, ``caught_up``), else None.
     :ivar count: how many ticks the row stands for: 1, or for a ``missed`` row the ticks it
-        sums up (from :attr:`first` to :attr:`tick`).
+        sums up (from :attr:`first` to :attr:`tick`; for a cron stretch of more than 10,000
+        ticks, 10,000, and :attr:`detail` says "more than").
     :ivar first: for a ``missed`` row, the first tick it sums up; else None.
     :ivar detail: why, in words (what was still running, what was queued, the downtime).
     :ivar decided: when the decision was last written (the wall clock; UTC).
