@@ -945,5 +945,6 @@ def test_commands_are_the_documented_set():
         "run",
         "runs",
         "show",
+        "ticks",
         "timeline",
     ]

@@ -137,6 +137,20 @@ def test_testing_page_module_passes(tmp_path, monkeypatch):
             function()
 
 
+def test_schedule_page_examples_run(tmp_path, monkeypatch, capsys):
+    """The first example of docs/schedule.md (a schedule started and stopped), then its test
+    of a schedule under a frozen clock, with the first one's flow."""
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(page("schedule.md"))
+    namespace: dict = {"__name__": "schedule_example"}
+    exec(compile(blocks[0], "schedule.md", "exec"), namespace)
+    assert capsys.readouterr().out.startswith("next run at ")
+    exec(compile(blocks[-1], "schedule.md", "exec"), namespace)
+    store_dir = tmp_path / "test"
+    store_dir.mkdir()
+    namespace["test_sync_runs_on_the_hour"](tmp_path=store_dir)
+
+
 def test_tk_example_flow_runs_without_a_window(tmp_path):
     pytest.importorskip("tkinter", reason="this Python has no Tk")
     spec = importlib.util.spec_from_file_location("tk_app", ROOT / "examples" / "tk_app.py")

@@ -248,3 +248,31 @@ def test_a_store_mode_that_is_not_a_permission_mode_is_refused_before_any_file_i
 
     assert os.listdir(tmp_path) == []
     assert Bad.whereis("store-bad-mode") is None
+
+
+def runs_seen_by_another_process(path):
+    """How many runs a fresh process reads in the store (its connection closed at once, as a
+    ``threadflow runs`` would)."""
+    code = (
+        f"import sqlite3; c = sqlite3.connect({path!r}); "
+        "print(c.execute('SELECT count(*) FROM runs').fetchone()[0]); c.close()"
+    )
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert said.returncode == 0, said.stderr
+    return int(said.stdout)
+
+
+def test_a_second_server_on_a_store_keeps_the_first_ones_commits_seen_by_other_processes(
+    tmp_path,
+):
+    # Checking that the store is writable used to open and close the file, which drops every
+    # POSIX lock this process held on it: a reader in another process then took the store for
+    # unused and deleted the WAL the first server went on writing into, unseen by anyone.
+    path = str(tmp_path / "runs.db")
+    with Tiny.start_link(store=path) as tiny:
+        assert tiny.start_flow().result(timeout=GUARD).outcome == "all_over"
+        with Filler.start_link(store=path, children=1):  # the second writer of this process
+            assert runs_seen_by_another_process(path) == 1
+            assert tiny.start_flow().result(timeout=GUARD).outcome == "all_over"
+            assert runs_seen_by_another_process(path) == 2
+            assert os.path.exists(path + "-wal")

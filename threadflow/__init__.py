@@ -25,7 +25,8 @@ from .errors import (
 from .events import RunningAttempt
 from .flow import Flow, _registry_servers  # noqa: F401
 from .result import Progress, RunHandle, RunResult, TaskProgress
-from .store import EventStore
+from .schedule import Schedule
+from .store import EventStore, Tick
 
 __version__ = "0.1.0"
 
@@ -47,10 +48,12 @@ __all__ = [
     "RunHandle",
     "RunResult",
     "RunningAttempt",
+    "Schedule",
     "StoreError",
     "TaskProgress",
     "TaskTimeout",
     "ThreadflowError",
+    "Tick",
     "add_child_task",
     "add_children_tasks",
     "current_token",

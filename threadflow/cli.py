@@ -49,7 +49,7 @@ from .events import KINDS, Event, RunHistory
 from .flow import Flow
 from .progress import EVERY, FollowedRun, ProgressView
 from .result import RunHandle, RunResult
-from .store import FILE_MODE, EventStore, RunInfo, RunNotFound, default_path
+from .store import FILE_MODE, EventStore, RunInfo, RunNotFound, Tick, default_path
 
 #: Exit codes of every command.
 EXIT_FAILED = 1
@@ -277,6 +277,7 @@ def cli(ctx: click.Context, db: str | None) -> None:
       threadflow show 3f2a --summary
       threadflow replay 3f2a
       threadflow graph myjobs:Nightly
+      threadflow ticks Nightly
     """
     ctx.obj = {"db": db}
 
@@ -965,6 +966,63 @@ def cancel(run: str, reason: str, db: str | None) -> None:
             "its owner may be busy in a long coordinator turn; look again with threadflow runs",
         )
     _say(f"run {info.run_id}: {status}")
+
+
+# -- ticks -------------------------------------------------------------------------------------
+
+
+def _tick_record(tick: Tick) -> dict[str, Any]:
+    record = asdict(tick)
+    for key in ("tick", "first", "decided"):
+        value = record[key]
+        record[key] = None if value is None else value.isoformat()
+    return record
+
+
+@cli.command()
+@click.argument("schedule", required=False)
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the newest N ticks.")
+@db_option
+@json_option
+def ticks(schedule: str | None, limit: int | None, db: str | None, as_json: bool) -> None:
+    """List what schedules (Flow.schedule) decided for each tick, oldest first; only those of
+    SCHEDULE (a schedule's name: its flow's name unless given name=) if given.
+
+    DECISION is fired (RUN started at the tick), caught_up (RUN started for a tick missed while
+    no scheduler ran), skipped (the schedule's run was still going), missed (no scheduler looked:
+    one row sums up a stretch, its first tick and count in DETAIL), queued or catching_up (to run
+    once the schedule's run ends).
+
+    \b
+    Example:
+      threadflow ticks Nightly --db runs.db --limit 20
+    """
+    path = _db_path(db)
+    store = _open(path)
+    try:
+        rows = store.ticks(schedule, limit=limit)
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    if as_json:
+        _echo_json([_tick_record(t) for t in rows])
+        return
+    if not rows:
+        what = f" of schedule {schedule!r}" if schedule else ""
+        _say(f"no ticks{what} in {path!r}", err=True)
+        return
+    millis = any(t.tick.microsecond for t in rows)  # sub-second ticks (every=0.5): one width
+    cells = [
+        (
+            t.schedule,
+            timestamp(t.tick.isoformat(), millis=millis),
+            t.decision,
+            t.run_id or "-",
+            t.detail or "",
+        )
+        for t in rows
+    ]
+    for text in table(("SCHEDULE", "TICK (UTC)", "DECISION", "RUN", "DETAIL"), cells):
+        _say(text)
 
 
 # -- graph -------------------------------------------------------------------------------------

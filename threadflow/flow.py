@@ -75,6 +75,13 @@ def _checked_inputs(
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
+    from .schedule import Schedule
+
+
+def _running_server(name: Any) -> ServerCore | None:
+    """The server of this process named ``name`` (for methods whose ``server`` argument hides
+    the module)."""
+    return server.lookup(name)
 
 
 def _registry_servers() -> list[Flow]:
@@ -470,6 +477,129 @@ class Flow:
         """
         grace = self.stop_grace if timeout is None else min(self.stop_grace, timeout / 2)
         self._coord.stop(grace, timeout)
+
+    @classmethod
+    def schedule(
+        cls,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        cron: str | None = None,
+        every: float | datetime.timedelta | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        overlap: str = "skip",
+        catch_up: str = "none",
+        catch_up_limit: int = 100,
+        tz: str | datetime.tzinfo | None = None,
+        entrance: str | None = None,
+        server: Flow | None = None,
+        tick_input: str | None = "scheduled_at",
+        grace: float = 60.0,
+        clock_check: float = 1.0,
+    ) -> Schedule:
+        """Start a run of this flow at each tick of ``cron`` or of ``every``; see
+        docs/schedule.md.
+
+        Every tick's decision (fired, skipped, queued, missed, caught up) is recorded in the
+        store (``EventStore.ticks(name)``, ``threadflow ticks``). Processes that share the store
+        and the schedule's name fire each tick once between them.
+
+        :param store: the store file, as ``start_link`` takes it (leave it out with ``server``).
+        :param cron: a cron expression (``"*/5 * * * *"``; 6 fields: seconds first), read in
+            ``tz``. Exactly one of ``cron`` and ``every``.
+        :param every: seconds between ticks (or a ``timedelta``); ticks fall on the multiples
+            of it since 1970-01-01 00:00 UTC, so that every process agrees on them.
+        :param inputs: the inputs of each run, as ``start_flow(**inputs)`` takes them.
+        :param name: the schedule's name in the store (default: the flow's name); two schedules
+            of one flow need two names.
+        :param overlap: what a tick does while the schedule's previous run still runs:
+            ``"skip"`` (recorded skipped) or ``"queue"`` (runs when that run ends; one tick
+            waits at most, later ones are skipped while it waits).
+        :param catch_up: what the ticks missed while no scheduler ran become: ``"none"``
+            (recorded missed), ``"latest"`` (the latest runs) or ``"all"`` (each runs, one
+            after another, at most ``catch_up_limit`` of them, the latest ones).
+        :param tz: the zone ``cron`` is read in (an IANA name or a ``tzinfo``; default UTC).
+        :param entrance: the task runs start at (default: the flow's ``default_entrance``).
+        :param server: a running server of this flow to start the runs on (default: the
+            schedule starts its own on ``store``, and ``stop()`` stops it).
+        :param tick_input: the name of the input that gets the tick's time (ISO 8601 text,
+            UTC), or None for none.
+        :param grace: seconds a tick may be late (the machine slept, the process was paused)
+            and still run as a tick; a later one counts as missed and goes by ``catch_up``.
+        :param clock_check: the longest the scheduler waits without looking at the wall clock
+            (a clock that is set, or a machine that slept, is noticed within it).
+        :returns: the running :class:`~threadflow.Schedule`: ``.next_fire``, ``.stop()``.
+        :raises TypeError: for both or neither of ``cron`` and ``every``, or a mistyped value.
+        :raises ValueError: for a bad cron expression (naming its bad field), a non-positive
+            ``every``, an unknown ``overlap``, ``catch_up`` or ``tz``.
+        :raises ThreadflowError: if a schedule of that name already runs in this process on
+            that store, or if a server of this flow already runs (pass it as ``server``).
+        """
+        from . import schedule as _schedule
+        from .store import default_path
+
+        definition = cls.definition
+        if definition is None:
+            raise FlowDefinitionError(
+                f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
+            )
+        opts = _schedule.check_options(
+            definition.name,
+            cron=cron,
+            every=every,
+            tz=tz,
+            name=name,
+            overlap=overlap,
+            catch_up=catch_up,
+            catch_up_limit=catch_up_limit,
+            grace=grace,
+            clock_check=clock_check,
+            entrance=entrance,
+            inputs=inputs,
+            tick_input=tick_input,
+        )
+        if entrance is not None:
+            definition.check_entrance(entrance)
+        if server is not None:
+            if not isinstance(server, cls):
+                raise TypeError(
+                    f"schedule(server={server!r}): pass a server of {cls.__name__} (what "
+                    f"{cls.__name__}.start_link() returned)"
+                )
+            if server._core.stopped:
+                raise ThreadflowError(
+                    f"schedule(): server {server.name!r} is stopped; start one with start_link()"
+                )
+            path = server.store.path
+            if store is not None and os.path.abspath(os.fspath(store)) != os.path.abspath(path):
+                raise ValueError(
+                    f"schedule(store={os.fspath(store)!r}, server=...): the server writes to "
+                    f"{path!r}; a schedule records its ticks in its server's store, so leave out "
+                    "store="
+                )
+        else:
+            path = os.fspath(store) if store is not None else default_path()
+            if _running_server(cls._server_name) is not None:
+                raise ThreadflowError(
+                    f"schedule(): a server named {cls._server_name!r} is already running in this "
+                    f"process; pass it: {cls.__name__}.schedule(server=that_server, ...)"
+                )
+        key = _schedule.claim_name(path, opts.name)
+        try:
+            srv = server if server is not None else cls.start_link(store=path)
+            try:
+                # Checked now, not at the first tick: the check start_flow makes.
+                _checked_inputs(
+                    str(srv.name), srv._coord.extra, dict(opts.inputs), definition.codec
+                )
+                return _schedule.start(srv, server is None, opts, key)
+            except BaseException:
+                if server is None:
+                    srv.stop()
+                raise
+        except BaseException:
+            _schedule.release_name(key)
+            raise
 
     @classmethod
     def whereis(cls, name: Any) -> Flow | None:

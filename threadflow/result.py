@@ -208,6 +208,10 @@ class RunHandle:
         self.segments_before = 0
         self._follower: Follower | None = None
         self._follow_lock = threading.Lock()  # one progress() reads the follower at a time
+        # Called once the run has ended (a schedule waking up to start the next run): guarded
+        # by _done_lock so that a callback added as the run ends is called exactly once.
+        self._done_lock = threading.Lock()
+        self._when_done: list[Callable[[RunHandle], None]] = []
 
     def progress(self) -> Progress:
         """How far the run has got: children done, failed, running and in all, overall and per
@@ -270,7 +274,21 @@ class RunHandle:
 
     def _set(self, result: RunResult | None, exc: BaseException | None = None) -> None:
         self._result, self._exc = result, exc
-        self._done.set()
+        with self._done_lock:
+            self._done.set()
+            callbacks, self._when_done = self._when_done, []
+        for callback in callbacks:
+            callback(self)
+
+    def _call_when_done(self, callback: Callable[[RunHandle], None]) -> None:
+        """Call ``callback(self)`` once the run has ended: at once if it has, else on the
+        thread that ends it (the coordinator's: the callback must be quick and must not
+        raise, as setting an ``Event`` is)."""
+        with self._done_lock:
+            if not self._done.is_set():
+                self._when_done.append(callback)
+                return
+        callback(self)
 
     def __repr__(self) -> str:
         return f"<RunHandle {self.run_id} {'done' if self.done() else 'running'}>"

@@ -139,6 +139,14 @@ class ServerCore:
         if self._active is not None:
             raise FlowRunning(self.name, self._active.run_id, self._active.start_time)
 
+    def busy_with(self) -> RunHandle | None:
+        """The run that holds the slot (or the first interrupted run waiting to be resumed), or
+        None while a run could start: for a schedule, to know what it waits for."""
+        with self._lock:
+            if self._active is not None:
+                return self._active
+            return self._resuming[0] if self._resuming else None
+
     def reserve_for_resume(self, handles: list[RunHandle]) -> None:
         """Keep the slot for these runs' replays, in order: no new run starts before them."""
         with self._lock:

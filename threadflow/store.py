@@ -9,6 +9,9 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
   discarded children are deleted so that a retry can add the same ids again.
 * ``servers`` and ``requests``: global server names and the runs other processes ask of them.
 * ``cancels``: runs another process asked to cancel; their owner polls it (version 2).
+* ``ticks``: what each schedule decided for each of its ticks, one row per schedule name and
+  tick time, which is what keeps two processes from both firing a tick (version 3; see
+  ``threadflow.schedule``).
 
 A store of an older version is brought up to date by the first writer that opens it; readers
 read every version up to :data:`SCHEMA_VERSION`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import json
@@ -62,7 +66,7 @@ from .events import (
 
 log = logging.getLogger("threadflow")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The oldest schema this threadflow reads (a writer upgrades it).
 OLDEST_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -169,6 +173,57 @@ class RunInfo:
         return None if self.outcome is None else self.active
 
 
+#: What a schedule decided for a tick (``Tick.decision``). Final: ``fired`` (a run started at
+#: its tick), ``caught_up`` (a run started for a tick missed while no scheduler looked),
+#: ``skipped`` (no run: the schedule's run was still going, or one tick was queued already),
+#: ``missed`` (no run: passed while no scheduler looked; one row sums up a stretch of them).
+#: Waiting: ``queued`` (starts when the schedule's run ends) and ``catching_up`` (a missed tick
+#: that ``catch_up="all"`` or ``"latest"`` runs once the runs before it have ended).
+TICK_DECISIONS = ("fired", "caught_up", "skipped", "missed", "queued", "catching_up")
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One row of a schedule's history (:meth:`EventStore.ticks`): a tick and its decision.
+
+    :ivar schedule: the schedule's name.
+    :ivar tick: the tick's time (aware UTC datetime); for a ``missed`` row that sums up several
+        ticks, the last of them.
+    :ivar decision: one of :data:`TICK_DECISIONS`.
+    :ivar run_id: the run the tick started (``fired``, ``caught_up``), else None.
+    :ivar count: how many ticks the row stands for: 1, or for a ``missed`` row the ticks it
+        sums up (from :attr:`first` to :attr:`tick`; for a cron stretch of more than 10,000
+        ticks, 10,000, and :attr:`detail` says "more than").
+    :ivar first: for a ``missed`` row, the first tick it sums up; else None.
+    :ivar detail: why, in words (what was still running, what was queued, the downtime).
+    :ivar decided: when the decision was last written (the wall clock; UTC).
+    :ivar pid: the process that decided it.
+    :ivar host: that process's host.
+    """
+
+    schedule: str
+    tick: datetime.datetime
+    decision: str
+    run_id: str | None = None
+    count: int = 1
+    first: datetime.datetime | None = None
+    detail: str | None = None
+    decided: datetime.datetime | None = None
+    pid: int | None = None
+    host: str | None = None
+
+
+def _when(text: Any) -> datetime.datetime | None:
+    """A stored time as an aware datetime (None for none or for text that is not a time)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=datetime.timezone.utc)
+
+
 def create_file(path: str, mode: int = FILE_MODE) -> None:
     """Create the store file ``path``, empty, with permissions ``mode``, unless it exists.
 
@@ -215,14 +270,20 @@ def _check_writable(path: str) -> None:
     """Refuse a file this process may not write, before SQLite opens it.
 
     SQLite would open it read-only without an error, and leave ``-wal`` and ``-shm`` files
-    that it cannot remove beside it. Opening it for writing asks the system itself, which
-    knows about ACLs, read-only mounts and root. Other errors are left to SQLite to tell.
+    that it cannot remove beside it. ``access(2)`` asks the system itself, which knows about
+    ACLs, read-only mounts and root. Other errors are left to SQLite to tell.
+
+    Never by opening and closing the file: closing any descriptor of it drops every POSIX lock
+    this process holds on it, SQLite's locks of its other connections to the store included
+    (a second server, a schedule). Another process then takes the store for unused, and its
+    reader deletes the WAL those connections go on writing into: their commits are seen by
+    nobody else, and lost if this process dies.
     """
-    try:
-        os.close(os.open(path, os.O_RDWR))
-    except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
-            raise _not_writable(path, exc.strerror or str(exc)) from exc
+    effective = os.access in os.supports_effective_ids  # as open() decides: effective ids
+    if os.access(path, os.W_OK, effective_ids=effective):
+        return
+    read_only_mount = hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    raise _not_writable(path, os.strerror(errno.EROFS if read_only_mount else errno.EACCES))
 
 
 def check_readable(path: str) -> None:
@@ -536,6 +597,27 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         {"run_id": str, "requested": float, "reason": str},
         pk="run_id",
         not_null=["requested"],
+        if_not_exists=True,
+        strict=True,
+    )
+    # Version 3: the decisions of schedules (Flow.schedule), one row per (schedule, tick). The
+    # primary key is the arbiter between processes: the first to insert a tick's row decided it.
+    db.table("ticks").create(
+        {
+            "schedule": str,
+            "tick": str,
+            "decision": str,
+            "run_id": str,
+            "count": int,
+            "first": str,
+            "detail": str,
+            "decided": str,
+            "pid": int,
+            "host": str,
+            "lease": float,
+        },
+        pk=("schedule", "tick"),
+        not_null=["schedule", "tick", "decision", "count", "decided"],
         if_not_exists=True,
         strict=True,
     )
@@ -1542,6 +1624,56 @@ class EventStore:
     def follow(self, run_id: str) -> Follower:
         """A :class:`Follower`: the fold of ``run_id``, updated as its log grows."""
         return Follower(self, run_id)
+
+    def ticks(self, schedule: str | None = None, *, limit: int | None = None) -> list[Tick]:
+        """The ticks schedules decided (:class:`Tick`), oldest first.
+
+        :param schedule: only this schedule's (its name: the flow's class name by default).
+        :param limit: only the newest ``limit`` rows (still oldest first).
+        :returns: an empty list for a store that no schedule has written to (one made by a
+            threadflow older than schedules, too).
+        """
+        conn = self._connect()
+        try:
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ticks'"
+            ).fetchone():
+                return []
+            sql = (
+                "SELECT schedule, tick, decision, run_id, count, first, detail, decided, pid, "
+                "host FROM ticks"
+            )
+            params: tuple[Any, ...] = ()
+            if schedule is not None:
+                sql, params = sql + " WHERE schedule = ?", (schedule,)
+            sql += " ORDER BY tick DESC, schedule DESC"
+            if limit is not None:
+                sql += f" LIMIT {int(limit)}"
+            rows = conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+        ticks = []
+        for name, tick, decision, run_id, count, first, detail, decided, pid, host in reversed(
+            rows
+        ):
+            when = _when(tick)
+            if when is None:  # not written by threadflow: shown as nothing rather than a crash
+                continue
+            ticks.append(
+                Tick(
+                    str(name),
+                    when,
+                    str(decision),
+                    run_id if isinstance(run_id, str) else None,
+                    count if isinstance(count, int) else 1,
+                    _when(first),
+                    detail if isinstance(detail, str) else None,
+                    _when(decided),
+                    pid if isinstance(pid, int) else None,
+                    host if isinstance(host, str) else None,
+                )
+            )
+        return ticks
 
     def output(self, run_id: str, task: str, codec: Any = None) -> tuple[bool, Any]:
         """``(True, value)``: what ``task``'s parent attempt returned in run ``run_id`` (its
