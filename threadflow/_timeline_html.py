@@ -216,12 +216,25 @@ def _header(tl: Timeline) -> list[str]:
             f"{_e(more)}</p>"
         )
     out.extend(_task_table(tl))
-    out.append(
+    out.append(legend())
+    return out
+
+
+def legend() -> str:
+    """The key to the colours of the bars, as an HTML list (class ``legend``)."""
+    return (
         "<ul class=legend>"
         + "".join(f"<li>{_legend_swatch(k)}{_e(k)}: {_e(text)}</li>" for k, text in LEGEND)
         + "<li><b class=bad>\u2717</b> used up its attempts</li></ul>"
     )
-    return out
+
+
+def chart(tl: Timeline) -> str:
+    """The Gantt chart alone, as inline SVG: what the live dashboard redraws as a run goes on.
+
+    Every string from the log in it is escaped; it holds no script.
+    """
+    return "\n".join(_svg(tl))
 
 
 def _task_table(tl: Timeline) -> list[str]:
