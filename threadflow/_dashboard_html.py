@@ -148,6 +148,7 @@ SCRIPT = """\
         for (const [name, html] of Object.entries(data.html)) swap(name, html);
         root.dataset.status = data.status || "";
       }
+      root.dataset.polls = String((Number(root.dataset.polls) || 0) + 1);
     } catch (err) {
       say("The dashboard does not answer (stopped?); trying again every second.");
     }
