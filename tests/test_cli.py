@@ -946,4 +946,5 @@ def test_commands_are_the_documented_set():
         "runs",
         "show",
         "timeline",
+        "ui",
     ]

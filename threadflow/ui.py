@@ -32,7 +32,15 @@ from datasette.app import Datasette
 from datasette.plugins import pm
 from datasette.utils.asgi import Response
 
-from . import _dashboard_html as draw
+from ._dashboard_html import (
+    SCRIPT,
+    error_page,
+    run_page,
+    run_parts,
+    run_url,
+    runs_page,
+    runs_parts,
+)
 from ._format import json_text
 from .dashboard import RUNS_SHOWN, Dashboard
 from .errors import StoreError
@@ -87,13 +95,17 @@ def datasette_for(path: str) -> Any:
 
 
 def close(datasette: Any) -> None:
-    """Close what the dashboard and Datasette keep open on the store (their connections)."""
+    """Close what the dashboard and Datasette keep open: their connections, Datasette's
+    threads (which hold its connections to its in-memory databases: they go with them)."""
     with _dashboards_lock:
         found = _dashboards.pop(datasette, None)
     if found is not None:
         found[0].close()
     for db in datasette.databases.values():
         db.close()
+    executor = getattr(datasette, "executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def _store(datasette: Any) -> tuple[Dashboard, str] | None:
@@ -149,9 +161,7 @@ async def home(datasette: Any) -> Any:
 
 
 async def script() -> Any:
-    return Response(
-        draw.SCRIPT, headers=dict(HEADERS), content_type="text/javascript; charset=utf-8"
-    )
+    return Response(SCRIPT, headers=dict(HEADERS), content_type="text/javascript; charset=utf-8")
 
 
 def _no_store(datasette: Any, api: bool) -> Any:
@@ -160,10 +170,10 @@ def _no_store(datasette: Any, api: bool) -> Any:
     if api:
         return _json({"error": f"{message}; {hint}"}, 404)
     base = datasette.urls.path(BASE)
-    return _html(draw.error_page(base, "-", datasette.urls.path("/"), message, hint), 404)
+    return _html(error_page(base, "-", datasette.urls.path("/"), message, hint), 404)
 
 
-async def runs_page(datasette: Any) -> Any:
+async def runs_view(datasette: Any) -> Any:
     found = _store(datasette)
     if found is None:
         return _no_store(datasette, api=False)
@@ -172,12 +182,12 @@ async def runs_page(datasette: Any) -> Any:
     try:
         lines = await asyncio.to_thread(dashboard.runs)
     except (sqlite3.Error, StoreError) as exc:
-        page = draw.error_page(base, dashboard.path, tables, _unreadable(exc), _READ_HINT)
+        page = error_page(base, dashboard.path, tables, _unreadable(exc), _READ_HINT)
         return _html(page, 503)
-    return _html(draw.runs_page(lines, base, dashboard.path, tables, RUNS_SHOWN))
+    return _html(runs_page(lines, base, dashboard.path, tables, RUNS_SHOWN))
 
 
-async def runs_api(datasette: Any) -> Any:
+async def runs_json(datasette: Any) -> Any:
     found = _store(datasette)
     if found is None:
         return _no_store(datasette, api=True)
@@ -195,13 +205,12 @@ async def runs_api(datasette: Any) -> Any:
                     "run_id": line.run_id,
                     "flow": line.flow,
                     "started": line.started,
-                    "url": draw.run_url(base, line.run_id),
+                    "url": run_url(base, line.run_id),
                     **_counts(line.progress),
                 }
                 for line in lines
             ],
-            "status": "",
-            "html": draw.runs_parts(lines, base),
+            "html": runs_parts(lines, base),
         }
     )
 
@@ -229,20 +238,20 @@ async def _run(datasette: Any, request: Any, api: bool) -> Any:
     try:
         run_id = await asyncio.to_thread(dashboard.run_id, asked)
         if not api and run_id != asked:  # a prefix: the page of the whole id
-            return Response.redirect(draw.run_url(base, run_id))
+            return Response.redirect(run_url(base, run_id))
         view = await asyncio.to_thread(dashboard.run, run_id)
     except RunNotFound as exc:
         hint = "give more characters of the run id" if exc.count else "see the runs list"
         if api:
             return _json({"error": f"{exc.message}; {hint}"}, 404)
-        return _html(draw.error_page(base, dashboard.path, tables, exc.message, hint), 404)
+        return _html(error_page(base, dashboard.path, tables, exc.message, hint), 404)
     except (sqlite3.Error, StoreError) as exc:
         if api:
             return _json({"error": _unreadable(exc)}, 503)
-        page = draw.error_page(base, dashboard.path, tables, _unreadable(exc), _READ_HINT)
+        page = error_page(base, dashboard.path, tables, _unreadable(exc), _READ_HINT)
         return _html(page, 503)
     if not api:
-        return _html(draw.run_page(view, base, tables))
+        return _html(run_page(view, base, tables))
     p = view.progress
     return _json(
         {
@@ -276,16 +285,16 @@ async def _run(datasette: Any, request: Any, api: bool) -> Any:
                 for f in view.failures
             ],
             "replay": view.replay,
-            "html": draw.run_parts(view),
+            "html": run_parts(view),
         }
     )
 
 
-async def run_page(datasette: Any, request: Any) -> Any:
+async def run_view(datasette: Any, request: Any) -> Any:
     return await _run(datasette, request, api=False)
 
 
-async def run_api(datasette: Any, request: Any) -> Any:
+async def run_json(datasette: Any, request: Any) -> Any:
     return await _run(datasette, request, api=True)
 
 
@@ -297,10 +306,10 @@ def register_routes() -> list[tuple[str, Callable[..., Any]]]:
     """The dashboard's routes (Datasette tries them before its own)."""
     return [
         (r"^/$", home),
-        (rf"^{BASE}/?$", runs_page),
-        (rf"^{BASE}/api/runs$", runs_api),
-        (rf"^{BASE}/run/(?P<run_id>[^/]+)$", run_page),
-        (rf"^{BASE}/api/run/(?P<run_id>[^/]+)$", run_api),
+        (rf"^{BASE}/?$", runs_view),
+        (rf"^{BASE}/api/runs$", runs_json),
+        (rf"^{BASE}/run/(?P<run_id>[^/]+)$", run_view),
+        (rf"^{BASE}/api/run/(?P<run_id>[^/]+)$", run_json),
         (rf"^{BASE}/dashboard\.js$", script),
     ]
 
