@@ -397,23 +397,27 @@ def _failures(view: RunView) -> str:
     return "\n".join(out)
 
 
-def _timeline(view: RunView) -> str:
+def timeline_part(view: RunView) -> str:
+    """The timeline part of a run's page: the legend and the chart."""
     return legend() + chart(view.timeline)
 
 
-def run_parts(view: RunView) -> dict[str, str]:
-    """The parts of a run's page that an update replaces."""
+def run_parts(view: RunView, timeline: str | None = None) -> dict[str, str]:
+    """The parts of a run's page that an update replaces.
+
+    :param timeline: :func:`timeline_part` of ``view``, if drawn already.
+    """
     return {
         "head": _head(view),
         "replay": _replay(view),
         "progress": _progress(view),
         "failures": _failures(view),
-        "timeline": _timeline(view),
+        "timeline": timeline_part(view) if timeline is None else timeline,
     }
 
 
-def run_page(view: RunView, base: str, tables: str) -> str:
-    parts = run_parts(view)
+def run_page(view: RunView, parts: dict[str, str], base: str, tables: str) -> str:
+    """The whole page of a run, of its ``parts`` (:func:`run_parts`)."""
     body = f"""
 <div class=card><div data-part=head>{parts["head"]}</div>
 <div data-part=replay>{parts["replay"]}</div></div>

@@ -23,6 +23,7 @@ import sqlite3
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -40,11 +41,13 @@ from ._dashboard_html import (
     run_url,
     runs_page,
     runs_parts,
+    timeline_part,
 )
 from ._format import json_text
-from .dashboard import RUNS_SHOWN, Dashboard
+from .dashboard import FOLLOWED, RUNS_SHOWN, Dashboard, RunView
 from .errors import StoreError
 from .store import RunNotFound, check_readable
+from .timeline import Timeline
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 #: Datasette's hook marker, typed (Datasette ships no type hints).
@@ -67,11 +70,45 @@ HEADERS = {
     "cache-control": "no-store",
 }
 
-# The dashboard of each Datasette instance, made on its first request and dropped with it. The
-# only state of this module: a Datasette instance is the server, and the dashboard's followers
-# (one read-only connection each) must live as long as it does.
-_dashboards: weakref.WeakKeyDictionary[Any, tuple[Dashboard, str]] = weakref.WeakKeyDictionary()
-_dashboards_lock = threading.Lock()
+# The site of each Datasette instance, made on its first request and dropped with it. The only
+# state of this module: a Datasette instance is the server, and the dashboard's followers (one
+# read-only connection each) must live as long as it does.
+_sites: weakref.WeakKeyDictionary[Any, _Site] = weakref.WeakKeyDictionary()
+_sites_lock = threading.Lock()
+
+
+class _Site:
+    """The dashboard of the store one Datasette serves, and the charts it has drawn.
+
+    A run's chart is drawn again only when its timeline was rebuilt (its log grew): drawing the
+    chart of a big run takes a while (0.15 s for 100,000 children), and every open page of the
+    run asks for it every second.
+    """
+
+    def __init__(self, path: str, tables: str) -> None:
+        self.dashboard = Dashboard(path)
+        self.tables = tables  # the URL of Datasette's page of the store's tables
+        self._lock = threading.Lock()  # guards _charts
+        self._charts: OrderedDict[str, tuple[Timeline, str]] = OrderedDict()
+
+    def chart(self, view: RunView) -> str:
+        """The chart of ``view``'s timeline, drawn once per timeline."""
+        with self._lock:
+            drawn = self._charts.get(view.run_id)
+            if drawn is not None and drawn[0] is view.timeline:
+                return drawn[1]
+        html = timeline_part(view)
+        with self._lock:
+            self._charts[view.run_id] = (view.timeline, html)
+            self._charts.move_to_end(view.run_id)
+            while len(self._charts) > FOLLOWED:
+                self._charts.popitem(last=False)
+        return html
+
+    def run(self, run_id: str) -> tuple[RunView, dict[str, str]]:
+        """What run ``run_id``'s page shows now: the model, and the parts drawn from it."""
+        view = self.dashboard.run(run_id)
+        return view, run_parts(view, self.chart(view))
 
 
 def register() -> None:
@@ -97,10 +134,10 @@ def datasette_for(path: str) -> Any:
 def close(datasette: Any) -> None:
     """Close what the dashboard and Datasette keep open: their connections, Datasette's
     threads (which hold its connections to its in-memory databases: they go with them)."""
-    with _dashboards_lock:
-        found = _dashboards.pop(datasette, None)
-    if found is not None:
-        found[0].close()
+    with _sites_lock:
+        site = _sites.pop(datasette, None)
+    if site is not None:
+        site.dashboard.close()
     for db in datasette.databases.values():
         db.close()
     executor = getattr(datasette, "executor", None)
@@ -108,12 +145,12 @@ def close(datasette: Any) -> None:
         executor.shutdown(wait=True)
 
 
-def _store(datasette: Any) -> tuple[Dashboard, str] | None:
-    """The dashboard of the first store Datasette serves, and the URL of its tables."""
-    with _dashboards_lock:
-        found = _dashboards.get(datasette)
-        if found is not None:
-            return found
+def _site(datasette: Any) -> _Site | None:
+    """The site of the first store Datasette serves; None if it serves none."""
+    with _sites_lock:
+        site = _sites.get(datasette)
+        if site is not None:
+            return site
         for name, db in datasette.databases.items():
             path = getattr(db, "path", None)
             if not path or getattr(db, "is_memory", False):
@@ -122,8 +159,8 @@ def _store(datasette: Any) -> tuple[Dashboard, str] | None:
                 check_readable(path)
             except StoreError:
                 continue
-            found = _dashboards[datasette] = (Dashboard(path), datasette.urls.database(name))
-            return found
+            site = _sites[datasette] = _Site(path, datasette.urls.database(name))
+            return site
     return None
 
 
@@ -174,10 +211,10 @@ def _no_store(datasette: Any, api: bool) -> Any:
 
 
 async def runs_view(datasette: Any) -> Any:
-    found = _store(datasette)
-    if found is None:
+    site = _site(datasette)
+    if site is None:
         return _no_store(datasette, api=False)
-    dashboard, tables = found
+    dashboard, tables = site.dashboard, site.tables
     base = datasette.urls.path(BASE)
     try:
         lines = await asyncio.to_thread(dashboard.runs)
@@ -188,10 +225,10 @@ async def runs_view(datasette: Any) -> Any:
 
 
 async def runs_json(datasette: Any) -> Any:
-    found = _store(datasette)
-    if found is None:
+    site = _site(datasette)
+    if site is None:
         return _no_store(datasette, api=True)
-    dashboard, _ = found
+    dashboard = site.dashboard
     try:
         lines = await asyncio.to_thread(dashboard.runs)
     except (sqlite3.Error, StoreError) as exc:
@@ -228,10 +265,10 @@ def _counts(progress: Any) -> dict[str, Any]:
 
 
 async def _run(datasette: Any, request: Any, api: bool) -> Any:
-    found = _store(datasette)
-    if found is None:
+    site = _site(datasette)
+    if site is None:
         return _no_store(datasette, api)
-    dashboard, tables = found
+    dashboard, tables = site.dashboard, site.tables
     base = datasette.urls.path(BASE)
     # Datasette routes on the raw path: the run id comes percent-encoded.
     asked = unquote(request.url_vars["run_id"])
@@ -239,7 +276,8 @@ async def _run(datasette: Any, request: Any, api: bool) -> Any:
         run_id = await asyncio.to_thread(dashboard.run_id, asked)
         if not api and run_id != asked:  # a prefix: the page of the whole id
             return Response.redirect(run_url(base, run_id))
-        view = await asyncio.to_thread(dashboard.run, run_id)
+        # Read and drawn off the event loop: a big run's chart takes a while.
+        view, parts = await asyncio.to_thread(site.run, run_id)
     except RunNotFound as exc:
         hint = "give more characters of the run id" if exc.count else "see the runs list"
         if api:
@@ -251,7 +289,7 @@ async def _run(datasette: Any, request: Any, api: bool) -> Any:
         page = error_page(base, dashboard.path, tables, _unreadable(exc), _READ_HINT)
         return _html(page, 503)
     if not api:
-        return _html(run_page(view, base, tables))
+        return _html(run_page(view, parts, base, tables))
     p = view.progress
     return _json(
         {
@@ -285,7 +323,7 @@ async def _run(datasette: Any, request: Any, api: bool) -> Any:
                 for f in view.failures
             ],
             "replay": view.replay,
-            "html": run_parts(view),
+            "html": parts,
         }
     )
 
