@@ -191,6 +191,12 @@ def test_the_start_page_is_the_dashboard(gated, serve):
     assert response.headers["location"] == "/-/threadflow"
 
 
+def test_datasettes_own_pages_link_to_the_dashboard(gated, serve):
+    page = get(serve(), "/runs")  # Datasette's page of the store's tables
+    assert page.status_code == 200
+    assert '<a href="/-/threadflow">threadflow runs</a>' in page.text
+
+
 # --- a run's page -----------------------------------------------------------------------------
 
 
