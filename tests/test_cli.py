@@ -947,4 +947,5 @@ def test_commands_are_the_documented_set():
         "show",
         "ticks",
         "timeline",
+        "ui",
     ]

@@ -150,6 +150,40 @@ def test_event_store_on_a_missing_file_raises_store_error_and_creates_nothing(tm
     assert os.listdir(tmp_path) == []
 
 
+def test_readers_leave_the_store_of_a_crashed_writer_byte_identical(tmp_path, store_path):
+    # A writer killed with events in the WAL that no checkpoint copied into the file: a reader
+    # that opened the file read-write and closed it last would copy them now, and delete the WAL.
+    Known.run(store=store_path, failed_once=set())
+    wal = store_path + "-wal"
+    hold = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    hold.execute("BEGIN")
+    hold.execute("SELECT count(*) FROM events").fetchone()  # a snapshot no checkpoint passes
+    journal = str(tmp_path / "journal")
+    with Child(tmp_path, "crash", store_path, "children", "600", journal) as child:
+        child.expect("marker")
+        child.kill()
+    hold.close()
+
+    def state():
+        wal_size = os.path.getsize(wal) if os.path.exists(wal) else None
+        return os.stat(store_path).st_mtime_ns, snapshot(store_path), wal_size
+
+    before = state()
+    assert before[2]  # the WAL holds what the file does not
+
+    store = EventStore(store_path)
+    infos = store.runs()
+    for info in infos:
+        store.history(info.run_id)
+        list(store.iter_rows(info.run_id))
+        follower = store.follow(info.run_id)
+        follower.update()
+        follower.close()
+
+    assert [i.status for i in infos] == ["all_over", "interrupted"]
+    assert state() == before
+
+
 # --- run status -------------------------------------------------------------------------------
 
 

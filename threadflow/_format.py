@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import html
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,13 @@ def printable(text: str, newlines: bool = False) -> str:
     if _UNSAFE.search(text) is None:
         return text
     return text.translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
+
+
+def html_text(text: Any) -> str:
+    """Text from the log as HTML text (element content or a quoted attribute): markup
+    escaped, control characters shown as escapes (and a lone surrogate, which cannot be written
+    as UTF-8, as ``\\udcff``), lines kept."""
+    return html.escape(printable(str(text), newlines=True), quote=True)
 
 
 #: What ``json.dumps(..., ensure_ascii=False)`` leaves raw: it escapes C0 controls itself.

@@ -8,11 +8,10 @@ It draws and formats only: every number comes from the model, and so from the fo
 
 from __future__ import annotations
 
-import html
 import math
 from typing import TYPE_CHECKING, Any
 
-from ._format import compact, duration, error_text, printable, shorten
+from ._format import compact, duration, error_text, html_text, shorten
 
 if TYPE_CHECKING:
     from .timeline import Row, Stage, Timeline
@@ -121,10 +120,8 @@ def _tick_label(t: float, step: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _e(text: Any) -> str:
-    """Text from the log as HTML text: control characters shown as escapes (and a lone
-    surrogate, which cannot be written as UTF-8, as ``\\udcff``), lines kept."""
-    return html.escape(printable(str(text), newlines=True), quote=True)
+#: Text from the log as HTML text.
+_e = html_text
 
 
 _CSS = """
@@ -216,12 +213,25 @@ def _header(tl: Timeline) -> list[str]:
             f"{_e(more)}</p>"
         )
     out.extend(_task_table(tl))
-    out.append(
+    out.append(legend())
+    return out
+
+
+def legend() -> str:
+    """The key to the colours of the bars, as an HTML list (class ``legend``)."""
+    return (
         "<ul class=legend>"
         + "".join(f"<li>{_legend_swatch(k)}{_e(k)}: {_e(text)}</li>" for k, text in LEGEND)
         + "<li><b class=bad>\u2717</b> used up its attempts</li></ul>"
     )
-    return out
+
+
+def chart(tl: Timeline) -> str:
+    """The Gantt chart alone, as inline SVG: what the live dashboard redraws as a run goes on.
+
+    Every string from the log in it is escaped; it holds no script.
+    """
+    return "\n".join(_svg(tl))
 
 
 def _task_table(tl: Timeline) -> list[str]:

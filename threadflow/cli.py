@@ -1119,6 +1119,75 @@ def timeline_command(run: str, output: str | None, max_rows: int, db: str | None
     )
 
 
+# -- ui ----------------------------------------------------------------------------------------
+
+
+@cli.command(name="ui")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address to listen on. Anything but a loopback address lets other machines read "
+    "the runs, their payloads, results and tracebacks: there is no login.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8001,
+    show_default=True,
+    help="The port to listen on (0: any free one; the address is printed).",
+)
+@db_option
+def ui_command(host: str, port: int, db: str | None) -> None:
+    """Serve a live dashboard of the store's runs, in the browser, until Ctrl-C.
+
+    The runs list shows each run's status and progress; a run's page shows its progress per
+    task, its timeline, its failed attempts with their tracebacks, and the command that
+    replays it. The pages update every second while runs go on. It is Datasette with a
+    threadflow plugin (pip install 'threadflow[ui]'), so the store's tables can be browsed
+    too. It only reads the store: flows can write to it meanwhile.
+
+    \b
+    Examples:
+      threadflow ui --db runs.db
+      threadflow ui --db runs.db --port 0
+    """
+    path = _db_path(db)
+    _open(path)
+    try:
+        from . import ui
+    except ImportError as exc:
+        raise CLIError(
+            f"threadflow ui needs Datasette, which cannot be imported here ({exc})",
+            "install it with: pip install 'threadflow[ui]'",
+        ) from None
+    try:
+        sock = ui.bind(host, port)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+            "pass --port with another port, or --port 0 for any free one",
+        ) from None
+    if not ui.loopback(host):
+        _say(
+            f"warning: listening on {host}: anyone who can reach this machine on port "
+            f"{sock.getsockname()[1]} can read every run in {path}, with its payloads, results "
+            "and tracebacks (there is no login)",
+            err=True,
+        )
+    _say(f"dashboard of {path} at {ui.url(sock)} (Ctrl-C stops it)", err=True)
+    try:
+        ui.serve(path, sock)
+    except KeyboardInterrupt:
+        # The server has stopped cleanly; it raises the Ctrl-C again once done.
+        pass
+    except StoreError as exc:
+        raise _store_error(exc) from None
+    finally:
+        sock.close()
+    _say("dashboard stopped", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """The ``threadflow`` console script."""
     return cli.main(args=list(argv) if argv is not None else None, prog_name="threadflow")

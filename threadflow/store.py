@@ -322,27 +322,42 @@ def check_readable(path: str) -> None:
 
 
 def connect(
-    path: str, *, fsync: bool = False, write: bool = True, shared: bool = False
+    path: str,
+    *,
+    fsync: bool = False,
+    write: bool = True,
+    shared: bool = False,
+    read_only: bool = False,
 ) -> sqlite3.Connection:
     """Open ``path`` with a busy timeout, in autocommit mode (explicit BEGINs).
 
     A writer (``write=True``) creates a missing file (see :func:`create_file`) and switches it
-    to WAL. A reader changes nothing, and accepts only a threadflow store (see
+    to WAL. Otherwise the file must exist and be a threadflow store (see
     :func:`check_readable`): it never touches another application's database.
 
     :param shared: any thread may use the connection (one at a time: the caller's lock), as a
         :class:`Follower`'s is; otherwise only the thread that made it.
+    :param read_only: open it read-only (``?mode=ro``), as every reader of
+        :class:`EventStore` does. Not only a matter of intent: a read-write connection that
+        is the last one to close a WAL database checkpoints the WAL into the file and deletes
+        it, so a reader that is left alone with the WAL of a process that died (or ended
+        without its checkpoint) would rewrite the store. Implies ``write=False``.
     :raises StoreError: if the file is not a SQLite database, was written by a newer
         threadflow, or (for a reader) is not a threadflow store; for a writer, if it cannot be
         created.
     """
+    write = write and not read_only
     if write:
         create_file(path)
     else:
         check_readable(path)
+    target, uri = path, False
+    if read_only:
+        target, uri = Path(path).absolute().as_uri() + "?mode=ro", True
     try:
         conn = sqlite3.connect(
-            path,
+            target,
+            uri=uri,
             isolation_level=None,
             timeout=BUSY_TIMEOUT_MS / 1000,
             cached_statements=512,
@@ -1343,7 +1358,7 @@ class Follower:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = conn = connect(self.store.path, write=False, shared=True)
+            self._conn = conn = connect(self.store.path, read_only=True, shared=True)
             self._closer = weakref.finalize(self, conn.close)
         return self._conn
 
@@ -1438,7 +1453,7 @@ class EventStore:
         return f"EventStore({self.path!r})"
 
     def _connect(self) -> sqlite3.Connection:
-        return connect(self.path, write=False)
+        return connect(self.path, read_only=True)
 
     def check(self) -> None:
         """Refuse a file that is not a readable threadflow store (see :func:`check_readable`).
