@@ -64,6 +64,14 @@ def two_fails(child, state):
     return child[0]
 
 
+def add_many(state):
+    add_children_tasks(((i, None) for i in range(state["children"])), state)
+
+
+def echo(child, state):
+    return child[0]
+
+
 def block_if_asked(state):
     """Waits on its token (say so on state["running"]) when the run's input block is true."""
     if state.get("block"):
@@ -92,6 +100,26 @@ class Slow(Flow, server_name="otel-slow"):
 
 class Broken(Flow, server_name="otel-broken"):
     work = task(task_func=split_four, child_task_func=two_fails, task_retry_limit=1, next=ALL_OVER)
+
+
+class Tolerant(Flow, server_name="otel-tolerant"):
+    work = task(
+        task_func=split_four,
+        child_task_func=two_fails,
+        task_retry_limit=1,
+        exit_on_failed=False,
+        next=ALL_OVER,
+    )
+
+
+class Many(Flow, server_name="otel-many"):
+    work = task(
+        task_func=add_many,
+        child_task_func=echo,
+        max_concurrency=4,
+        task_retry_limit=1,
+        next=ALL_OVER,
+    )
 
 
 class Blocking(Flow, server_name="otel-blocking"):
@@ -313,6 +341,43 @@ def test_a_failed_run_records_the_error_on_the_run_its_task_and_the_attempt(stor
     assert others <= {"over", "cancelled"}
     end = log_times(store_path, res.run_id)[("failed_over", None, None, None)]
     assert run.end_time == stage.end_time == end
+
+
+def test_a_tolerated_child_failure_leaves_its_task_and_run_ok(store_path):
+    provider, exporter = recorder()
+    with Tolerant.start_link(store=store_path) as server:
+        with instrument(server, tracer_provider=provider):
+            res = server.start_flow().result(timeout=GUARD)
+    assert (res.outcome, res.failed) == ("all_over", [("work", 2)])
+
+    spans = exporter.get_finished_spans()
+    assert_within(spans)
+    assert [
+        (s.name, s.status.status_code) for s in spans if s.name.startswith(("run", "task"))
+    ] == [
+        ("task work", StatusCode.UNSET),
+        ("run Tolerant", StatusCode.UNSET),
+    ]
+    assert sorted(
+        (c.attributes["threadflow.child_id"], c.attributes["threadflow.outcome"])
+        for c in named(spans, "child work")
+    ) == [("0", "over"), ("1", "over"), ("2", "exit"), ("3", "over")]
+
+
+def test_every_child_attempt_of_a_large_stage_gets_its_span(store_path):
+    # Children that start and end between two commits of the log are one row in it; each
+    # still has its task_start and task_over signals, hence its span.
+    provider, exporter = recorder()
+    with Many.start_link(store=store_path) as server:
+        with instrument(server, tracer_provider=provider):
+            res = server.start_flow(children=500).result(timeout=GUARD)
+    assert res.outcome == "all_over"
+    spans = exporter.get_finished_spans()
+    children = named(spans, "child work")
+    assert sorted(int(c.attributes["threadflow.child_id"]) for c in children) == list(range(500))
+    (stage,) = named(spans, "task work")
+    assert {c.parent.span_id for c in children} == {stage.context.span_id}
+    assert all(c.attributes["threadflow.outcome"] == "over" for c in children)
 
 
 def test_an_interrupted_run_and_its_replay_are_two_traces_of_one_run(store_path):

@@ -236,7 +236,7 @@ class Instrumentation:
     def _ns(self, ts: Any) -> int:
         """An event's ts as nanoseconds since the epoch, exactly (its microseconds); the
         events of one coordinator turn share their ts, so the last one is kept."""
-        if ts == self._last_ts:
+        if ts is not None and ts == self._last_ts:
             return self._last_ns
         try:
             when = datetime.datetime.fromisoformat(ts)
