@@ -11,6 +11,7 @@ import threading
 
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, signals, task
+from threadflow.events import SIGNAL_OF
 
 SIGNAL_NAMES = [
     "start_flow",
@@ -24,6 +25,7 @@ SIGNAL_NAMES = [
     "task_exit",
     "task_retry",
 ]
+RUN_SIGNALS = {"start_flow", "all_over", "failed_over"}
 SIGNALS_WITH_ERROR = {"task_exit", "task_timeout", "task_failed", "task_retry", "failed_over"}
 
 TWO_STAGE_ORDER = [
@@ -354,6 +356,34 @@ def test_signal_kwargs_carry_the_run_id_and_the_server_as_sender(store_path):
     assert result.run_id == handle.run_id
     assert len(seen) == len(TWO_STAGE_ORDER)
     assert {(sender is server, run_id) for _, sender, run_id in seen} == {(True, handle.run_id)}
+
+
+def test_each_signal_carries_the_time_its_event_has_in_the_store(store_path):
+    # ts is what a reader of the log sees for that moment (a tracer dates spans with it), not
+    # the time the receiver happened to run.
+    fired: list[tuple[object, ...]] = []
+
+    def make_receiver(name):
+        def receiver(sender, **kwargs):
+            task_tuple = () if name in RUN_SIGNALS else kwargs["task"]
+            attempt = None if name in RUN_SIGNALS else kwargs["attempt"]
+            fired.append((name, *(task_tuple + (None, None))[:2], attempt, kwargs["ts"]))
+
+        return receiver
+
+    run_ids = [
+        run_recorded(flow, store_path, make_receiver, attempts=[])[1].run_id
+        for flow in (TwoStageFlow, FailingFlow)
+    ]
+
+    logged = {
+        (SIGNAL_OF[e.kind], e.task, e.child_id, e.attempt, e.ts)
+        for run_id in run_ids
+        for e in EventStore(store_path).events(run_id)
+        if e.kind in SIGNAL_OF
+    }
+    assert {name for name, *_ in fired} == set(SIGNAL_NAMES)
+    assert [f for f in fired if f not in logged] == []
 
 
 def test_task_exit_error_is_the_exception_the_task_raised(store_path):

@@ -771,6 +771,7 @@ class Coordinator:
                         "state": run.state,
                         "run_id": run.run_id,
                         "attempt": attempt,
+                        "ts": self._stamp(),  # the time of the event it announces, as stored
                         **error,
                     },
                 )

@@ -1,10 +1,11 @@
 """The moments of a run as blinker signals.
 
 Every signal is sent on the server's coordinator thread, after its event is committed, with the
-server as sender and the keyword arguments ``task``, ``state``, ``run_id``, ``attempt`` and, where
-there is one, ``error``. Receivers run one at a time and should not block: the coordinator waits
-for them. A receiver that raises is logged (logger ``threadflow``) and recorded as a
-``callback_error`` event; the other receivers and the run go on.
+server as sender and the keyword arguments ``task``, ``state``, ``run_id``, ``attempt``, ``ts``
+(the time of its event as stored: ISO 8601 UTC text) and, where there is one, ``error``.
+Receivers run one at a time and should not block: the coordinator waits for them. A receiver
+that raises is logged (logger ``threadflow``) and recorded as a ``callback_error`` event; the
+other receivers and the run go on.
 
 Signals live in a private ``blinker.Namespace``, not blinker's global one.
 """
