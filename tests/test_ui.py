@@ -8,6 +8,7 @@ what the store shows meanwhile is awaited with ``wait_until`` (a hang guard, not
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from crash_child import Child
+from freezegun import freeze_time
 from helpers import wait_until
 from ui_flows import (
     BROKEN,
@@ -41,6 +43,7 @@ from ui_flows import (
 
 from threadflow import EventStore
 from threadflow.cli import cli
+from threadflow.dashboard import Dashboard
 from threadflow.result import Progress
 
 # Datasette leaves connections to its own in-memory databases unclosed (it probes SQLite's
@@ -223,6 +226,28 @@ def test_run_page_timeline_and_progress_follow_the_run(gated, serve):
     page = get(ds, f"/-/threadflow/run/{handle.run_id}").text
     assert "live: updates every second" in page
     assert 'data-poll="/-/threadflow/api/run/' + handle.run_id + '"' in page
+
+
+def test_a_running_runs_chart_reaches_now_while_nothing_new_is_logged(gated, store_path):
+    # Four children wait on their gates: nothing is logged for as long as they wait, and the
+    # chart still shows them running until now, not until the last event.
+    server, handle, gates = gated
+    dashboard = Dashboard(store_path)
+    try:
+        first = dashboard.run(handle.run_id).timeline
+        later = datetime.datetime.fromisoformat(first.begin) + datetime.timedelta(minutes=5)
+        with freeze_time(later):
+            chart = dashboard.run(handle.run_id).timeline
+        assert first.end < 60 and 299 < chart.end <= 300
+        running = [bar for row in chart.rows for bar in row.bars if bar.kind == "running"]
+        assert len(running) == 4 and all(299 < bar.end <= 300 for bar in running)
+        open_gates(handle, gates, *range(CHILDREN), done=CHILDREN - 1)
+        assert handle.result(GUARD).outcome == "failed_over"
+        with freeze_time(later + datetime.timedelta(minutes=5)):
+            ended = dashboard.run(handle.run_id).timeline
+        assert ended.end < 60  # an ended run is drawn up to its last event, whenever it is read
+    finally:
+        dashboard.close()
 
 
 def test_a_failed_attempt_shows_its_traceback_and_the_run_its_replay_command(

@@ -236,7 +236,9 @@ class Dashboard:
                 history.started,
                 history.task,
                 history.error,
-                followed.timeline,
+                # Running attempts are drawn up to now, not only to the last event: a child
+                # stuck for minutes logs nothing, and its bar must still grow.
+                followed.timeline.reaching(utcnow().isoformat()),
                 followed.failures,
                 failed,
                 replay_command(run_id, self.path) if status in REPLAYABLE else None,

@@ -103,7 +103,7 @@ class Timeline:
     history: RunHistory
     status: str
     begin: str | None  # ISO timestamp of the run's first event
-    end: float  # seconds from the first to the last event
+    end: float  # seconds from the first to the last event (or to now: see reaching)
     stages: list[Stage]
     rows: list[Row]
     spans: list[tuple[float, float]]  # the segments' spans (first run, replays): the time axis
@@ -111,6 +111,32 @@ class Timeline:
     counts: Counter[str]  # bars by kind (including those not drawn)
     max_rows: int
     failure_traceback: str = ""
+
+    def reaching(self, until: str) -> Timeline:
+        """This chart of a run still going on with its running attempts drawn up to ``until``
+        (an event timestamp, such as ``utcnow().isoformat()``), as a live view wants while
+        nothing new is logged; the log alone can only say they were running at its last event.
+        An ended or interrupted run's chart is returned as it is."""
+        if self.status != "running" or self.history.outcome is not None or self.begin is None:
+            return self
+        t = _seconds(until) - _seconds(self.begin)
+        if t <= self.end:
+            return self
+        last = self.end
+        rows = [
+            dataclasses.replace(
+                row,
+                bars=[
+                    dataclasses.replace(bar, end=t)
+                    if bar.kind == "running" and bar.end >= last
+                    else bar
+                    for bar in row.bars
+                ],
+            )
+            for row in self.rows
+        ]
+        spans = [*self.spans[:-1], (self.spans[-1][0], t)] if self.spans else [(0.0, t)]
+        return dataclasses.replace(self, end=t, rows=rows, spans=spans)
 
 
 # -- building ----------------------------------------------------------------------------------
