@@ -1567,7 +1567,6 @@ class Coordinator:
         if self._submit:
             subs, self._submit = self._submit, []
             start = monotonic()
-            paced: list[Stage] = []  # rate-limited stages that start a child now
             for att in subs:
                 if att.token.cancelled:
                     # Cancelled in this very turn (run over, stop): it never runs, but it still
@@ -1580,20 +1579,17 @@ class Coordinator:
                     att.deadline = start + timeout
                 stage = att.stage
                 pool = stage.pool if att.child_json is not None else stage.parent_pool
+                if stage.interval and att.child_json is not None:
+                    # The start that a rate limit paces: the next child of this stage is
+                    # decided in a later turn, once ``interval`` has passed since this moment,
+                    # so two submissions are never closer, however long a turn takes.
+                    self._next_start[stage.name] = monotonic() + stage.interval
                 try:
                     pool.submit(run_attempt, att)
                 except BaseException as exc:  # e.g. a user executor that was shut down
                     self.post(Done(att.uid, exc, error_json(exc)))
-                if stage.interval and att.child_json is not None:
-                    paced.append(stage)
             for batching in self._batching:  # send what the submits above kept back
                 batching.flush()
-            if paced:
-                # Charged from after the submission (batches included), so that two starts are
-                # never closer than the interval, however long a turn took.
-                sent = monotonic()
-                for stage in paced:
-                    self._next_start[stage.name] = sent + stage.interval
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:
