@@ -1567,6 +1567,7 @@ class Coordinator:
         if self._submit:
             subs, self._submit = self._submit, []
             start = monotonic()
+            paced: list[Stage] = []  # rate-limited stages that start a child in this turn
             for att in subs:
                 if att.token.cancelled:
                     # Cancelled in this very turn (run over, stop): it never runs, but it still
@@ -1579,17 +1580,22 @@ class Coordinator:
                     att.deadline = start + timeout
                 stage = att.stage
                 pool = stage.pool if att.child_json is not None else stage.parent_pool
-                if stage.interval and att.child_json is not None:
-                    # The start that a rate limit paces: the next child of this stage is
-                    # decided in a later turn, once ``interval`` has passed since this moment,
-                    # so two submissions are never closer, however long a turn takes.
-                    self._next_start[stage.name] = monotonic() + stage.interval
                 try:
                     pool.submit(run_attempt, att)
                 except BaseException as exc:  # e.g. a user executor that was shut down
                     self.post(Done(att.uid, exc, error_json(exc)))
+                if stage.interval and att.child_json is not None:
+                    paced.append(stage)
             for batching in self._batching:  # send what the submits above kept back
                 batching.flush()
+            if paced:
+                # The starts a rate limit paces. Charged once the submissions have returned
+                # (batches sent included), never from an earlier reading: the next child of
+                # the stage is decided in a later turn, at least ``interval`` after any moment
+                # of this hand-off, however long the turn took or the thread was preempted.
+                sent = monotonic()
+                for stage in paced:
+                    self._next_start[stage.name] = sent + stage.interval
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:
