@@ -153,7 +153,7 @@ class Stage:
         # for a coordinator turn (the outcome message tells the coordinator). Filled only
         # while nobody listens to task_start, which must fire before an attempt starts, and
         # only for children run by the server's own threads (an executor gets one submission
-        # per attempt).
+        # per attempt), and never for a rate-limited stage (see handover below).
         self.standby: deque[Attempt] = deque()
         # Seconds at least between two starts of its children (rate_limit), 0.0 for none.
         self.interval = spec.rate_interval
