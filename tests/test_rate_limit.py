@@ -13,6 +13,7 @@ import itertools
 import multiprocessing
 import threading
 import time
+import warnings
 
 import freezegun
 import pytest
@@ -245,6 +246,35 @@ class PacedInProcesses(Flow):
 def test_children_in_a_process_pool_are_paced(store_path):
     with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         res = PacedInProcesses.run(store=store_path, executors={"procs": pool}, n=5)
+
+    assert res.outcome == "all_over", res.error
+    starts = child_starts(store_path, res.run_id)
+    assert [cid for cid, _, _ in starts] == list(range(5))
+    assert min(gaps([t for _, _, t in starts])) >= 1 / 20 - SLACK
+
+
+def test_children_on_dask_are_paced(store_path, tmp_path):
+    pytest.importorskip(
+        "distributed", reason="the dask extra is not installed: pip install '.[dask]'"
+    )
+    from distributed import Client, LocalCluster
+
+    with warnings.catch_warnings():
+        # Dask warns when making its scratch directory takes over a second, as it may on a
+        # busy machine: not a failure of this test.
+        warnings.filterwarnings("ignore", "Creating scratch directories", UserWarning)
+        cluster = LocalCluster(
+            n_workers=1,
+            threads_per_worker=4,
+            processes=False,  # the scheduler, batches and futures are Dask's all the same
+            dashboard_address=None,
+            local_directory=str(tmp_path / "dask"),
+        )
+    try:
+        with Client(cluster) as client:
+            res = PacedInProcesses.run(store=store_path, executors={"procs": client}, n=5)
+    finally:
+        cluster.close()
 
     assert res.outcome == "all_over", res.error
     starts = child_starts(store_path, res.run_id)
