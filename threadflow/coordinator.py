@@ -128,6 +128,7 @@ class Stage:
         "parent_pool",
         "pool",
         "handover",
+        "interval",
     )
 
     def __init__(self, name: str, spec: TaskSpec, run: Run, pools: tuple[Pool, Pool]) -> None:
@@ -152,9 +153,15 @@ class Stage:
         # for a coordinator turn (the outcome message tells the coordinator). Filled only
         # while nobody listens to task_start, which must fire before an attempt starts, and
         # only for children run by the server's own threads (an executor gets one submission
-        # per attempt).
+        # per attempt), and never for a rate-limited stage (see handover below).
         self.standby: deque[Attempt] = deque()
-        self.handover = isinstance(self.pool, ThreadPool) and spec.isolation == "thread"
+        # Seconds at least between two starts of its children (rate_limit), 0.0 for none.
+        self.interval = spec.rate_interval
+        # A rate-limited stage never hands over: only the coordinator, which keeps the pace,
+        # may start its children.
+        self.handover = (
+            isinstance(self.pool, ThreadPool) and spec.isolation == "thread" and not self.interval
+        )
 
 
 class Attempt:
@@ -308,6 +315,12 @@ class Coordinator:
         # (when, tie-breaker, "grace", attempt uid).
         self._heap: list[tuple[float, int, str, Any]] = []
         self._hseq = itertools.count()
+        # Rate limits: task name -> the monotonic time from which the next child of that task
+        # may start. Charged in _flush when a child is submitted, read in _dispatch and
+        # _wait_time; kept from run to run, so that a run or replay right after another does
+        # not start with a burst.
+        self._next_start: dict[str, float] = {}
+        self._rated = any(spec.rate_interval for spec in definition.tasks.values())
         self.run: Run | None = None
         self.now = 0.0
         self._ts: str | None = None
@@ -522,6 +535,10 @@ class Coordinator:
                 for att in (stage.parent, next(iter(stage.running.values()), None)):
                     if att is not None and att.deadline is not None:
                         when = att.deadline if when is None else min(when, att.deadline)
+        if self._rated and run is not None and self._stop_at is None:
+            at = self._rate_wake(run)
+            if at is not None:
+                when = at if when is None else min(when, at)
         if self._stop_at is not None:
             when = self._stop_at if when is None else min(when, self._stop_at)
         if run is not None or self._global is not None:
@@ -1430,6 +1447,10 @@ class Coordinator:
             if stage.over or not stage.parent_done:
                 continue
             free = stage.cap - len(stage.running)
+            if stage.interval and free > 0:
+                # At most one child per turn, and only once its time has come: the submission
+                # in this turn's _flush charges the next one (see _rate_wake).
+                free = 1 if self._next_start.get(stage.name, 0.0) <= self.now else 0
             standby = stage.standby
             while free > 0:
                 if stage.retry_ready:
@@ -1460,6 +1481,27 @@ class Coordinator:
                 while len(standby) < depth and (stage.buffer or self._refill(stage)):
                     seq, child, data = stage.buffer.popleft()
                     standby.append(Attempt(next(self._uids), stage, self, child, seq, data, 1))
+
+    def _rate_wake(self, run: Run) -> float | None:
+        """When the coordinator must look again at the rate-limited stages of ``run``: the
+        earliest next start of a stage that has a child to start and a free slot, or None.
+
+        Invariant (no busy loop): a time already past means ``_dispatch`` starts a child of
+        that stage in the next turn, or finds it has none left (an empty ``ranges`` after a
+        refill), so the same past time is never returned twice in a row.
+        """
+        when: float | None = None
+        for stage in run.stages.values():
+            if (
+                stage.interval
+                and not stage.over
+                and stage.parent_done
+                and len(stage.running) < stage.cap
+                and (stage.retry_ready or stage.buffer or stage.ranges)
+            ):
+                at = self._next_start.get(stage.name, 0.0)
+                when = at if when is None else min(when, at)
+        return when
 
     def _refill(self, stage: Stage) -> bool:
         ranges = stage.ranges
@@ -1525,6 +1567,7 @@ class Coordinator:
         if self._submit:
             subs, self._submit = self._submit, []
             start = monotonic()
+            paced: list[Stage] = []  # rate-limited stages that start a child in this turn
             for att in subs:
                 if att.token.cancelled:
                     # Cancelled in this very turn (run over, stop): it never runs, but it still
@@ -1541,8 +1584,18 @@ class Coordinator:
                     pool.submit(run_attempt, att)
                 except BaseException as exc:  # e.g. a user executor that was shut down
                     self.post(Done(att.uid, exc, error_json(exc)))
+                if stage.interval and att.child_json is not None:
+                    paced.append(stage)
             for batching in self._batching:  # send what the submits above kept back
                 batching.flush()
+            if paced:
+                # The starts a rate limit paces. Charged once the submissions have returned
+                # (batches sent included), never from an earlier reading: the next child of
+                # the stage is decided in a later turn, at least ``interval`` after any moment
+                # of this hand-off, however long the turn took or the thread was preempted.
+                sent = monotonic()
+                for stage in paced:
+                    self._next_start[stage.name] = sent + stage.interval
         if self._replies:
             replies, self._replies = self._replies, []
             for reply in replies:

@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import pickle
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ from .events import RunHistory, codec_ref
 ALL_OVER = "all_over"
 
 _ISOLATIONS = ("thread", "subprocess")
+
+#: ``rate_limit`` as written: a positive number, ``/``, a unit; spaces around each part.
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*")
+#: Seconds per unit of ``rate_limit``.
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 #: State entries threadflow sets in every run (start_link entries and inputs take other names).
@@ -58,9 +64,13 @@ class TaskSpec:
     next: Any
     executor: Any = None
     child_executor: Any = None
+    rate_limit: Any = None
     name: str = ""
     #: Names of the next tasks; empty for ``ALL_OVER``. Set by the definition check.
     successors: tuple[str, ...] = field(default=())
+    #: Seconds at least between two starts of this task's child attempts (``rate_limit``), or
+    #: 0.0 for no limit. Set by the definition check.
+    rate_interval: float = field(default=0.0)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -103,6 +113,7 @@ def task(
     next: str | list[str] = _MISSING,
     executor: str | None = None,
     child_executor: str | None = None,
+    rate_limit: str | None = None,
 ) -> TaskSpec:
     """Declare a task of a ``Flow``; the attribute name is the task name.
 
@@ -126,6 +137,10 @@ def task(
     :param child_executor: the name of the executor that runs the children only, so that the
         parent stays where ``executor`` puts it, e.g. in the server's threads, while its
         children go to a cluster (default: where the parent runs). See docs/scale-out.md.
+    :param rate_limit: how often this task's child attempts may start, as ``"N/s"``, ``"N/m"``
+        or ``"N/h"`` (N a positive number, e.g. ``"20/s"``, ``"0.5/s"``): evenly spaced, at
+        least 1/N of the unit apart, never in a burst; retries count. The coordinator keeps
+        the pace for the server, across its runs (None: no limit). See docs/rate-limits.md.
     """
     return TaskSpec(
         task_func,
@@ -140,6 +155,7 @@ def task(
         next,
         executor=executor,
         child_executor=child_executor,
+        rate_limit=rate_limit,
     )
 
 
@@ -242,6 +258,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def rate_interval(rate_limit: object) -> float | None:
+    """Seconds between two starts that ``rate_limit`` (``"20/s"``, ``"0.5/m"``...) allows, or
+    None if it is not written that way."""
+    match = _RATE.fullmatch(rate_limit) if isinstance(rate_limit, str) else None
+    if match is None:
+        return None
+    count = float(match.group(1))
+    if not 0 < count < math.inf:  # "0/s" is no rate; 400 digits overflow to inf
+        return None
+    return _RATE_UNITS[match.group(2)] / count
+
+
 def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> None:
     name = spec.name
 
@@ -336,6 +364,21 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
             f"has child_executor={spec.child_executor!r} but no child_task_func, so it has no "
             "children to run there; use executor= for the task itself"
         )
+    if spec.rate_limit is not None:
+        interval = rate_interval(spec.rate_limit)
+        if interval is None:
+            raise fail(
+                f"has rate_limit={spec.rate_limit!r}, which is not a rate; write how many child "
+                "attempts may start per second, minute or hour as 'N/s', 'N/m' or 'N/h' with N "
+                "a positive number, e.g. rate_limit='20/s', '0.5/s' or '120/m' (None: no limit)"
+            )
+        if spec.child_task_func is None:
+            raise fail(
+                f"has rate_limit={spec.rate_limit!r} but no child_task_func; the limit paces "
+                "the starts of a task's children, so give it a child_task_func or leave "
+                "rate_limit out"
+            )
+        spec.rate_interval = interval
     nxt = spec.next
     if nxt is _MISSING or nxt is None:
         raise fail("has no next; add next='<task>', next=['a', 'b'] or next=ALL_OVER")
