@@ -69,7 +69,9 @@ def _fingerprint(func: Any, depth: int) -> str | None:
         return None
     call = inspect.getattr_static(type(func), "__call__", None)
     if isinstance(call, types.FunctionType):  # a callable object: its class says what it does
-        return _of_source(type(func)) or _of_code(call.__code__)
+        # (The class's source is found through its module in sys.modules; failing that, the
+        # source of its __call__, found through the code's file.)
+        return _of_source(type(func)) or _of_source(call) or _of_code(call.__code__)
     return None
 
 

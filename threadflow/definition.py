@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import pickle
+import shlex
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -553,7 +554,7 @@ def check_code(
         else:
             what.append(f"{name!r} ({', '.join(changes.functions.get(name) or ['code'])})")
     at = f", store={store!r}" if store is not None else ""
-    db = f" --db {store}" if store is not None else ""
+    db = f" --db {shlex.quote(store)}" if store is not None else ""
     after = sorted(changes.rerun - set(changes.changed))
     rerun_too = f" and those after them ({', '.join(map(repr, after))})" if after else ""
     raise ReplayError(
