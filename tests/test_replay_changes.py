@@ -277,6 +277,30 @@ def test_the_api_refuses_by_default_and_reruns_when_asked(failed_run, monkeypatc
     assert list(EventStore(db).results(run_id, "square")) == [(0, 0), (1, 100), (2, 200)]
 
 
+def test_a_change_to_stages_that_never_started_is_no_reason_to_refuse(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOURNAL", str(tmp_path / "journal.txt"))
+    db = str(tmp_path / "runs.db")
+    # load's parent fails, so square and report never start; then report's code changes.
+    broken_load = PIPELINE.replace(
+        "def add_three(state):\n", "def add_three(state):\n    raise OSError('no input')\n"
+    )
+    (tmp_path / "broken.py").write_text(broken_load)
+    first = _load(tmp_path / "broken.py", "broken_pipeline").Pipeline.run(store=db)
+    assert first.outcome == "failed_over"
+    (tmp_path / "fixed.py").write_text(PIPELINE.replace('ran("report", None)', 'ran("report", 2)'))
+    fixed = _load(tmp_path / "fixed.py", "fixed_pipeline")
+    # load's parent is fixed, and load had started: what to do must be chosen.
+    with pytest.raises(ReplayError, match=r"tasks 'load' \(task_func\), 'report'"):
+        fixed.Pipeline.replay(first.run_id, store=db)
+    assert fixed.Pipeline.replay(first.run_id, store=db, on_change="continue").outcome == (
+        "failed_over"  # square 2 still fails
+    )
+    # Now only report changes, and report has never started: no choice to make.
+    (tmp_path / "later.py").write_text(PIPELINE.replace('ran("report", None)', 'ran("report", 3)'))
+    later = _load(tmp_path / "later.py", "later_pipeline")
+    assert later.Pipeline.replay(first.run_id, store=db).outcome == "failed_over"
+
+
 # --- what a fingerprint covers ----------------------------------------------------------------
 
 

@@ -545,6 +545,9 @@ def check_code(
     changes = code_changes(definition, history)
     if not changes.changed or on_change == "continue":
         return frozenset()
+    if not any(n in history.tasks and history.tasks[n].started for n in changes.rerun):
+        # None of them has started: they run the new code whatever on_change says.
+        return frozenset()
     if on_change == "rerun":
         return changes.rerun
     what = []
