@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -231,8 +232,6 @@ def test_the_next_replay_compares_with_the_code_that_replayed_last(failed_run):
 def test_a_log_without_fingerprints_replays_as_before(failed_run):
     workdir, db, run_id = failed_run
     # A log written before fingerprints were recorded: take them out of its flow_started.
-    import sqlite3
-
     conn = sqlite3.connect(db)
     with conn:
         conn.execute(
@@ -268,8 +267,9 @@ def test_the_api_refuses_by_default_and_reruns_when_asked(failed_run, monkeypatc
     monkeypatch.setenv("JOURNAL", str(workdir / "journal.txt"))
     (workdir / "fixed.py").write_text(FIXED)
     fixed = _load(workdir / "fixed.py", "fixed_pipeline")
-    with pytest.raises(ReplayError, match=r"task 'square' \(child_task_func\) changed"):
+    with pytest.raises(ReplayError, match=r"task 'square' \(child_task_func\) changed") as refused:
         fixed.Pipeline.replay(run_id, store=db)
+    assert refused.value.changed == ["square"]
     with pytest.raises(ReplayError, match="on_change must be 'refuse', 'rerun' or 'continue'"):
         fixed.Pipeline.replay(run_id, store=db, on_change="redo")
     result = fixed.Pipeline.replay(run_id, store=db, on_change="rerun")

@@ -569,4 +569,5 @@ def check_code(
         "their finished work and run only what is unfinished with the new code, use "
         "on_change='continue' (--on-change continue); threadflow replay "
         f"{run_id}{db} --diff lists the changes",
+        changes.changed,
     )
