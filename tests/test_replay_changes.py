@@ -347,7 +347,7 @@ def square_item(child, state):
 
 
 async def fetch(url, *, retries=3, **options):
-    async with options["session"].get(url) as response:
+    async with options["client"].get(url) as response:
         return await response.json()
 
 
