@@ -673,7 +673,9 @@ def test_replay_that_fails_again_exits_1_with_the_task_and_error(db):
     ]
     assert result.stderr == (
         f"fix the cause, then replay: threadflow replay {ids['fatal']} --db {path} "
-        f"--flow {FLOWS}:Fatal\n"
+        f"--flow {FLOWS}:Fatal --on-change continue\n"
+        "(--on-change rerun instead runs the changed stages, and those after them, again from "
+        "scratch; --diff lists the changes)\n"
         f"see where time went: threadflow timeline {ids['fatal']} --db {path} "
         f"-o {ids['fatal']}.html\n"
     )

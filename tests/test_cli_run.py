@@ -139,7 +139,7 @@ def test_run_failed_over_exits_1_with_the_task_the_error_and_the_replay_command(
         "failed task: split[2]",
         "error: ValueError: child 2 is broken",
     ]
-    replay = f"threadflow replay {run_id} --db {db} --flow {FLOWS}:Fatal"
+    replay = f"threadflow replay {run_id} --db {db} --flow {FLOWS}:Fatal --on-change continue"
     assert f"fix the cause, then replay: {replay}\n" in result.stderr
     assert f"threadflow timeline {run_id} --db {db} -o {run_id}.html" in result.stderr
     assert "split        [" in result.stderr and "1 failed, 2 exits, 1 retry" in result.stderr

@@ -231,6 +231,8 @@ def event_summary(kind: str, data: Any, width: int) -> str:
         text = f"done={data.get('done')} failed={data.get('failed')}"
     elif kind == "replayed":
         text = f"segment {data.get('segment')} (after {data.get('previous_outcome')})"
+        if isinstance(data.get("rerun"), list):
+            text += f" rerun: {', '.join(map(str, data['rerun']))}"
     elif kind == "callback_error":
         text = f"{data.get('signal')} {data.get('receiver')}: {error_text(data.get('error'))}"
     else:

@@ -109,7 +109,12 @@ def portable(definition: Any) -> Any:
             if fields[key] is not None and not _picklable(fields[key]):
                 fields[key] = None
         tasks[name] = type(spec)(**fields)
-    return dataclasses.replace(definition, tasks=tasks, predecessors=dict(definition.predecessors))
+    return dataclasses.replace(
+        definition,
+        tasks=tasks,
+        predecessors=dict(definition.predecessors),
+        fingerprints=dict(definition.fingerprints),
+    )
 
 
 def load_error(blob: bytes | None, att: Any, data: str, where: str) -> BaseException:

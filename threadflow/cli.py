@@ -43,7 +43,7 @@ from ._format import (
     timestamp,
 )
 from ._graph import dot, mermaid
-from .definition import FlowDefinition
+from .definition import ON_CHANGE, FlowDefinition, check_same_flow, code_changes
 from .errors import StoreError, ThreadflowError
 from .events import KINDS, Event, RunHistory
 from .flow import Flow
@@ -705,24 +705,48 @@ def _start_server(flow_cls: type[Flow], path: str, replaying: bool = False) -> F
     help="Progress lines per stage on stderr, counting the work of every segment (default: "
     "live lines when stderr is a terminal, else none).",
 )
+@click.option(
+    "--on-change",
+    type=click.Choice(ON_CHANGE),
+    default="refuse",
+    show_default=True,
+    help="When the code of a task the run reaches changed since it last ran: refuse to "
+    "replay; rerun the changed stages and every stage after them from scratch; or continue "
+    "(keep finished work, run the rest with the new code).",
+)
+@click.option(
+    "--diff",
+    is_flag=True,
+    help="Print, per task, whether its code is unchanged, changed, added or removed since the "
+    "run last ran; run nothing.",
+)
 @db_option
 @json_option
 @_printable_logs()
 def replay(
-    run: str, flow_cls: type[Flow] | None, progress: bool | None, db: str | None, as_json: bool
+    run: str,
+    flow_cls: type[Flow] | None,
+    progress: bool | None,
+    on_change: str,
+    diff: bool,
+    db: str | None,
+    as_json: bool,
 ) -> None:
     """Continue RUN (an id or unique prefix) from its log.
 
     The flow is the one that made the run, imported by the module:Class its log records (or
     the one --flow names). Finished stages, parents and children are not run again; the rest
-    runs with fresh attempts, under the same run id. The exit code tells the outcome:
-    0 all_over, 1 failed_over (the failing task and error are printed), 4 interrupted,
-    5 cancelled.
+    runs with fresh attempts, under the same run id. If the code of a task changed since the
+    run last ran, the replay is refused unless --on-change says what to do (--diff shows the
+    changes). The exit code tells the outcome: 0 all_over, 1 failed_over (the failing task
+    and error are printed), 4 interrupted, 5 cancelled.
 
     \b
     Examples:
       threadflow replay 3f2a --db runs.db
       threadflow replay 3f2a --db runs.db --flow myjobs:Nightly
+      threadflow replay 3f2a --db runs.db --diff
+      threadflow replay 3f2a --db runs.db --on-change rerun
     """
     path = _db_path(db)
     store = _open(path)
@@ -735,13 +759,17 @@ def replay(
             f"run {info.run_id} is a run of flow {info.flow!r}, not {definition.name!r}",
             f"pass --flow with the module:Class of {info.flow!r}",
         )
+    if diff:
+        assert definition is not None  # FLOW_CLASS and _recorded_flow refuse a flow without
+        _print_diff(store, info, definition, as_json)
+        return
     live = sys.stderr.isatty() if progress is None else progress
     counts = FollowedRun(store, info.run_id, after=info.segments)
     view = ProgressView(counts, live=live, enabled=progress is True or (progress is None and live))
     server = _start_server(flow_cls, path, replaying=True)
     try:
         try:
-            handle = server.replay(info.run_id)
+            handle = server.replay(info.run_id, on_change=on_change)
         except StoreError as exc:
             raise _store_error(exc) from None
         except (ThreadflowError, ValueError) as exc:
@@ -759,6 +787,52 @@ def replay(
         _stop(server)
     # No duration: a replay's line says how it ended; `threadflow runs` says how long the run ran.
     _report_result(result, path, as_json, flow_cls, took=None)
+
+
+def _print_diff(
+    store: EventStore, info: RunInfo, definition: FlowDefinition, as_json: bool
+) -> None:
+    """``replay --diff``: the code now against the fingerprints the run's log recorded."""
+    history = info.history if info.history is not None else store.history(info.run_id)
+    changes = code_changes(definition, history)
+    try:
+        check_same_flow(definition, history)
+        refusal = None
+    except ThreadflowError as exc:
+        refusal = str(exc)
+    if as_json:
+        _echo_json(
+            {
+                "run_id": info.run_id,
+                "compared": changes.compared,
+                "tasks": dict(changes.verdict),
+                "functions": dict(changes.functions),
+                "rerun": sorted(changes.rerun),
+                "refused": refusal,
+            }
+        )
+        return
+    if not changes.compared:
+        _say(
+            f"run {info.run_id} recorded no fingerprints of its code (its log was written by an "
+            "older threadflow): nothing to compare; a replay continues it as before"
+        )
+    else:
+        _say(f"run {info.run_id}: the code of flow {definition.name!r} now, against the last run")
+        width = max(len(name) for name in changes.verdict)
+        for name, verdict in sorted(changes.verdict.items()):
+            functions = changes.functions.get(name)
+            detail = f" ({', '.join(functions)})" if functions else ""
+            _say(f"  {name:<{width}}  {verdict}{detail}")
+        if changes.rerun:
+            _say(
+                "--on-change rerun would run again from scratch: "
+                + ", ".join(sorted(changes.rerun))
+            )
+        else:
+            _say("nothing the run reaches changed: a replay continues it as before")
+    if refusal is not None:
+        _say(f"a replay would be refused: {refusal}")
 
 
 class _UsageError(CLIError):
@@ -907,7 +981,13 @@ def _report_result(
         f"--flow {_flow_arg(flow_cls)}"
     )
     if result.outcome == "failed_over":
-        _say(f"fix the cause, then replay: {replay_cmd}", err=True)
+        # A fix changes the code, and a replay refuses changed code unless told what to do.
+        _say(f"fix the cause, then replay: {replay_cmd} --on-change continue", err=True)
+        _say(
+            "(--on-change rerun instead runs the changed stages, and those after them, again "
+            "from scratch; --diff lists the changes)",
+            err=True,
+        )
         _say(
             f"see where time went: threadflow timeline {_quote(result.run_id)} "
             f"--db {_quote(path)} -o {_quote(_timeline_file(result.run_id))}",

@@ -30,7 +30,7 @@ from blinker import NamedSignal
 from . import signals
 from ._clock import monotonic, utcnow, wall
 from .cancel import CancelToken, current_context
-from .definition import RESERVED, FlowDefinition, TaskSpec, check_same_flow
+from .definition import RESERVED, FlowDefinition, TaskSpec, check_code, check_same_flow
 from .errors import (
     CancelledError,
     DuplicateChildError,
@@ -736,7 +736,7 @@ class Coordinator:
         elif isinstance(msg, StartRun):
             self._on_start(msg.handle, msg.entrance, msg.inputs, msg.inputs_coded)
         elif isinstance(msg, ReplayRun):
-            self._on_replay(msg.handle, msg.history, msg.reply)
+            self._on_replay(msg.handle, msg.history, msg.reply, msg.rerun)
         elif isinstance(msg, ResumeRuns):
             self._resume.extend(msg.handles)
         elif isinstance(msg, CancelRun):
@@ -859,6 +859,7 @@ class Coordinator:
                     "pid": os.getpid(),
                     "host": self._host,
                     "definition": definition,
+                    "fingerprints": {n: dict(f) for n, f in d.fingerprints.items()},
                 }
             ),
         )
@@ -872,6 +873,7 @@ class Coordinator:
         try:
             history = self.store.history(handle.run_id)
             check_same_flow(self.definition, history)
+            check_code(self.definition, history, "refuse", self.path)
             self.core.take_slot_to_resume(handle)
             handle.segments_before = history.segments  # see RunHandle.progress()
         except Exception as exc:
@@ -887,11 +889,20 @@ class Coordinator:
             )
             settle(handle, None, reply.error)
 
-    def _on_replay(self, handle: RunHandle, history: RunHistory, reply: Reply) -> None:
+    def _on_replay(
+        self,
+        handle: RunHandle,
+        history: RunHistory,
+        reply: Reply,
+        rerun: frozenset[str] = frozenset(),
+    ) -> None:
         """Continue a run from its log: finished work stays finished, the rest runs again.
 
         ``history`` was folded by the caller (off this thread); the claim on the run is taken
         here, in this turn's transaction, so that two replays of one run cannot both win.
+        Stages in ``rerun`` (their code changed, ``on_change="rerun"``) start over as if they
+        had never run: the ``replayed`` event lists them, and the fold forgets their work
+        from there on, as this replay does now.
         """
         d = self.definition
         inputs = history.inputs
@@ -917,12 +928,17 @@ class Coordinator:
         entrance = history.entrance
         assert entrance is not None  # check_same_flow refused a log without a known entrance
         reachable = d.reachable(entrance)
+        # What the replayed event below makes the fold do: the same method, so that this
+        # replay and every later reader of the log agree on what the rerun stages did.
+        history.forget(rerun, history.last_seq + 1)
         tasks = history.tasks
         finished = {n for n in reachable if n in tasks and tasks[n].all_over}
         waiting = {n: set(d.predecessors[n] & reachable) - finished for n in reachable}
         run = Run(handle, state, waiting)
         run.failed = list(history.failed)
         self.run = run
+        # Rerun stages have released nothing now: the keys of all their children go too, so
+        # that their parents may add the same ids again.
         released = [r for t in tasks.values() for r in t.released]
         self.writer.drop_unreleased_children(run.run_id, released)
         self._event(
@@ -935,6 +951,9 @@ class Coordinator:
                     "server": str(self.core.name),
                     "pid": os.getpid(),
                     "host": self._host,
+                    # The code this segment runs: what the next replay compares with.
+                    "fingerprints": {n: dict(f) for n, f in d.fingerprints.items()},
+                    **({"rerun": sorted(rerun)} if rerun else {}),
                 }
             ),
         )

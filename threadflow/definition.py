@@ -16,12 +16,14 @@ import math
 import os
 import pickle
 import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ._fingerprint import compare, task_fingerprints
 from .errors import FlowDefinitionError, ReplayError
 from .events import RunHistory, codec_ref
 
@@ -172,6 +174,11 @@ class FlowDefinition:
     import_path: str | None = None
     #: The flow's ``codec`` (None: plain JSON only).
     codec: Any = None
+    #: Per task, the fingerprints of its functions (``task_func``, ``child_task_func``), taken
+    #: when the class is made, while its module's source is the code that was imported: what
+    #: ``flow_started`` and ``replayed`` record, and what a replay compares (see
+    #: ``_fingerprint.py``).
+    fingerprints: Mapping[str, Mapping[str, str | None]] = field(default_factory=dict)
 
     def reachable(self, entrance: str) -> frozenset[str]:
         """The tasks a run started at ``entrance`` can reach."""
@@ -466,6 +473,7 @@ def check_flow(cls: type) -> FlowDefinition | None:
         MappingProxyType({n: frozenset(p) for n, p in preds.items()}),
         f"{module}:{cls.__qualname__}" if importable else None,
         codec,
+        MappingProxyType(task_fingerprints(tasks)),
     )
 
 
@@ -496,3 +504,113 @@ def check_same_flow(definition: FlowDefinition, history: RunHistory) -> None:
             + "; ".join(problems)
             + "; replay it with the definition that wrote it",
         )
+
+
+#: What a replay does with stages whose code changed since the log was written.
+ON_CHANGE = ("refuse", "rerun", "continue")
+
+
+@dataclass(frozen=True)
+class CodeChanges:
+    """The code of a flow now against the fingerprints a run's log recorded.
+
+    :ivar verdict: per task, ``"unchanged"``, ``"changed"``, ``"added"`` (in the code, not in
+        the log) or ``"removed"`` (in the log, not in the code); empty when the log recorded no
+        fingerprints (written before they were): there is nothing to compare.
+    :ivar functions: per changed task, which of its functions changed (``task_func``,
+        ``child_task_func``).
+    :ivar changed: the changed or added tasks a replay of this run can reach, sorted.
+    :ivar rerun: those and every stage after them (by ``next``) that the run can reach: what
+        ``on_change="rerun"`` runs again from scratch.
+    """
+
+    verdict: Mapping[str, str]
+    functions: Mapping[str, list[str]]
+    changed: list[str]
+    rerun: frozenset[str]
+
+    @property
+    def compared(self) -> bool:
+        """Whether the log recorded fingerprints to compare with."""
+        return bool(self.verdict)
+
+
+def code_changes(definition: FlowDefinition, history: RunHistory) -> CodeChanges:
+    """Compare the task functions of ``definition`` with those that last ran ``history``'s run
+    (recorded by its ``flow_started`` or latest ``replayed``)."""
+    now = {name: dict(fps) for name, fps in definition.fingerprints.items()}
+    recorded = history.fingerprints
+    verdict = compare(recorded, now)
+    functions: dict[str, list[str]] = {}
+    for name, state in verdict.items():
+        if state == "changed" and recorded is not None:
+            old = recorded.get(name) or {}
+            functions[name] = [
+                key for key, fp in now[name].items() if old.get(key) != fp and fp is not None
+            ]
+    entrance = history.entrance
+    reachable = (
+        definition.reachable(entrance)
+        if entrance is not None and entrance in definition.tasks
+        else frozenset()
+    )
+    changed = sorted(n for n in reachable if verdict.get(n) in ("changed", "added"))
+    rerun = set(changed)
+    todo = list(changed)
+    while todo:
+        for nxt in definition.tasks[todo.pop()].successors:
+            if nxt not in rerun:
+                rerun.add(nxt)
+                todo.append(nxt)
+    return CodeChanges(verdict, functions, changed, frozenset(rerun & reachable))
+
+
+def check_code(
+    definition: FlowDefinition,
+    history: RunHistory,
+    on_change: str,
+    store: str | None = None,
+) -> frozenset[str]:
+    """The stages a replay of ``history``'s run must run again from scratch.
+
+    :param on_change: ``"refuse"``, ``"rerun"`` or ``"continue"`` (see ``Flow.replay``).
+    :param store: the store's path, for the message.
+    :returns: the stages to rerun: empty unless ``on_change="rerun"`` and some changed.
+    :raises ReplayError: for another ``on_change``, or with ``"refuse"`` if the code of a
+        stage the run can reach changed, naming each and the ways to go on.
+    """
+    run_id = history.run_id
+    if on_change not in ON_CHANGE:
+        raise ReplayError(
+            run_id,
+            f"on_change must be 'refuse', 'rerun' or 'continue', not {on_change!r}",
+        )
+    changes = code_changes(definition, history)
+    if not changes.changed or on_change == "continue":
+        return frozenset()
+    if not any(n in history.tasks and history.tasks[n].started for n in changes.rerun):
+        # None of them has started: they run the new code whatever on_change says.
+        return frozenset()
+    if on_change == "rerun":
+        return changes.rerun
+    what = []
+    for name in changes.changed:
+        if changes.verdict[name] == "added":
+            what.append(f"{name!r} (new)")
+        else:
+            what.append(f"{name!r} ({', '.join(changes.functions.get(name) or ['code'])})")
+    at = f", store={store!r}" if store is not None else ""
+    db = f" --db {shlex.quote(store)}" if store is not None else ""
+    after = sorted(changes.rerun - set(changes.changed))
+    rerun_too = f" and those after them ({', '.join(map(repr, after))})" if after else ""
+    raise ReplayError(
+        run_id,
+        f"run {run_id}: the code of task{'s' if len(what) > 1 else ''} {', '.join(what)} "
+        f"changed since the run last ran; to run the changed stages{rerun_too} again from "
+        f"scratch, replay with on_change='rerun' ({definition.name}.replay({run_id!r}{at}, "
+        f"on_change='rerun'), or threadflow replay {run_id}{db} --on-change rerun); to keep "
+        "their finished work and run only what is unfinished with the new code, use "
+        "on_change='continue' (--on-change continue); threadflow replay "
+        f"{run_id}{db} --diff lists the changes",
+        changes.changed,
+    )

@@ -128,11 +128,14 @@ class ReplayError(ThreadflowError, ValueError):
     ``ValueError``, as it always has, and ``except ValueError`` still catches it.
 
     :ivar run_id: the run's id; the id or prefix given when no single run matches it.
+    :ivar changed: when the code of tasks changed (``on_change="refuse"``), their names; else
+        an empty list.
     """
 
-    def __init__(self, run_id: str, message: str) -> None:
+    def __init__(self, run_id: str, message: str, changed: list[str] | None = None) -> None:
         super().__init__(message)
         self.run_id = run_id
+        self.changed = list(changed or [])
 
 
 class StoreError(ThreadflowError):

@@ -512,6 +512,13 @@ class RunHistory:
     flow_import: str | None = None
     #: The inputs as the flow's codec wrote them, when JSON could not hold them.
     inputs_coded: str | None = None
+    #: Fingerprints of the task functions of the code that ran last (its ``flow_started`` or
+    #: latest ``replayed``: ``{task: {"task_func": fp, "child_task_func": fp}}``); None for a
+    #: log written before they were recorded.
+    fingerprints: dict[str, Any] | None = None
+    #: Stages a replay ran again from scratch (``on_change="rerun"``), with the seq of that
+    #: replay's ``replayed`` event: their work before it is forgotten.
+    reruns: dict[str, int] = field(default_factory=dict)
     started: str | None = None  #: ts of its flow_started
     ended: str | None = None  #: ts of the final event of its last segment; None while open
     outcome: str | None = None
@@ -535,6 +542,18 @@ class RunHistory:
         if history is None:
             history = self.tasks[name] = TaskHistory(name)
         return history
+
+    def forget(self, names: Iterable[str], seq: int) -> None:
+        """Forget the work of stages ``names`` before seq ``seq``: a replay runs them again
+        from scratch (``on_change="rerun"``). Each starts over as a task that never ran, and
+        its tolerated failures leave :attr:`failed`; the run's own counts (events, callback
+        errors, segments) keep them."""
+        names = set(names)
+        for name in names:
+            self.reruns[name] = seq
+            if name in self.tasks:  # keeps its place: the order tasks first appeared in
+                self.tasks[name] = TaskHistory(name)
+        self.failed = [f for f in self.failed if f[0] not in names]
 
     @property
     def segment_open(self) -> bool:
@@ -572,6 +591,12 @@ class RunHistory:
                 flow_import = data.get("import")
                 self.flow_import = flow_import if isinstance(flow_import, str) else None
                 self.started = ev.ts
+            fingerprints = data.get("fingerprints")
+            if isinstance(fingerprints, dict):
+                self.fingerprints = fingerprints
+            rerun = data.get("rerun")
+            if kind == REPLAYED and isinstance(rerun, list):
+                self.forget([name for name in rerun if isinstance(name, str)], ev.seq)
             self.outcome = self.ended = self.task = self.error = None
             self.spans.append(Span(ev.seq, ev.ts, ev.ts))
             self.segments = len(self.spans)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import server, signals
 from ._clock import utcnow
-from .definition import RESERVED, FlowDefinition, check_flow, check_same_flow
+from .definition import RESERVED, FlowDefinition, check_code, check_flow, check_same_flow
 from .errors import EncodeError, FlowDefinitionError, ReplayError, ThreadflowError
 from .events import coded, dumps
 from .messages import ReplayRun, Reply, ResumeRuns, StartRun
@@ -395,7 +395,7 @@ class Flow:
         return handle
 
     @_ServerOrClass
-    def replay(self, run_id: str) -> RunHandle:
+    def replay(self, run_id: str, *, on_change: str = "refuse") -> RunHandle:
         """Continue run ``run_id`` of this server's store from its event log.
 
         Finished stages, parents and children are not run again; the rest runs with fresh
@@ -403,12 +403,22 @@ class Flow:
         class, ``Example.replay(run_id, store=..., **start_link_args)`` starts a server,
         replays the run, waits for its ``RunResult`` and stops.
 
+        The log records a fingerprint of each task's functions; what a replay does when the
+        code of a stage the run can reach is not the code that last ran it is ``on_change``:
+
+        * ``"refuse"`` (the default): raise ``ReplayError`` naming the changed tasks;
+        * ``"rerun"``: run the changed stages, and every stage after them, again from scratch
+          (their earlier parents and children are forgotten); other stages keep their work;
+        * ``"continue"``: keep all finished work; what is unfinished runs the new code.
+
         :param run_id: the run's id, or a prefix of it that only this run's id starts with
             (as the command line takes it).
+        :param on_change: ``"refuse"``, ``"rerun"`` or ``"continue"``.
         :returns: a ``RunHandle`` (its ``progress()`` counts earlier segments too).
         :raises ReplayError: (also a ``ValueError``) if the run ended ``all_over``, if no run
-            or several runs match ``run_id``, if it is still owned by a live server, or if it
-            was written by a flow whose tasks or edges have changed since.
+            or several runs match ``run_id``, if it is still owned by a live server, if it
+            was written by a flow whose tasks or edges have changed since, or if the code of
+            its tasks changed and ``on_change`` is ``"refuse"``.
         :raises FlowRunning: if this server is running a run.
         """
         coord, core = self._coord, self._core
@@ -430,12 +440,13 @@ class Flow:
         run_id = info.run_id
         history = info.history if info.history is not None else store.history(run_id)
         check_same_flow(coord.definition, history)
+        rerun = check_code(coord.definition, history, on_change, store.path)
         handle = core.take_slot(
             run_id, datetime.datetime.fromisoformat(info.started), store, coord.ask_cancel
         )
         handle.segments_before = history.segments
         reply = Reply()
-        coord.post(ReplayRun(handle, history, reply))
+        coord.post(ReplayRun(handle, history, reply, rerun))
         while not reply.event.wait(0.5):
             if not coord.alive():
                 raise ThreadflowError(f"server {core.name!r} stopped before the replay began")
@@ -451,19 +462,24 @@ class Flow:
         return_to: Any = None,
         executor: Any = None,
         executors: Mapping[str, Any] | None = None,
+        *,
+        on_change: str = "refuse",
         **extra_state: Any,
     ) -> RunResult:
         """Start a server on ``store``, replay run ``run_id``, wait for its result, stop.
 
-        The arguments after ``run_id`` are those of ``start_link``.
+        The arguments after ``run_id`` are those of ``start_link``, and ``on_change``: what to
+        do if the code of its tasks changed (``"refuse"``, ``"rerun"``, ``"continue"``: see
+        ``server.replay``).
 
         :returns: the replayed run's ``RunResult``.
         :raises ReplayError: (also a ``ValueError``) if the run cannot be replayed (see
             ``server.replay``): it ended ``all_over``, no run or several match ``run_id``, it
-            is still owned by a live server, or its flow changed.
+            is still owned by a live server, its flow changed, or the code of its tasks
+            changed and ``on_change`` is ``"refuse"``.
         """
         with cls.start_link(store, return_to, executor, executors, **extra_state) as srv:
-            result: RunResult = srv.replay(run_id).result()
+            result: RunResult = srv.replay(run_id, on_change=on_change).result()
         return result
 
     def stop(self, timeout: float | None = None) -> None:

@@ -86,11 +86,13 @@ class StartRun:
 
 @dataclass(slots=True)
 class ReplayRun:
-    """Continue run ``handle.run_id`` from ``history`` (its log, folded by the caller)."""
+    """Continue run ``handle.run_id`` from ``history`` (its log, folded by the caller),
+    running the stages ``rerun`` again from scratch (their code changed)."""
 
     handle: RunHandle
     history: Any
     reply: Reply
+    rerun: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)

@@ -1072,8 +1072,20 @@ def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
             (run_id, spans[-1].seq),
         ).fetchall()
     first_seq, last_seq = min(row[4] for row in rows), max(row[5] for row in rows)
+    history.events = sum(row[2] for row in rows)
+    # Stages a replay ran again from scratch: their counts start after that replay's event.
+    counted = [row for row in rows if row[1] not in history.reruns]
+    for name, since in history.reruns.items():
+        counted.extend(
+            (kind, name, n, children, lo, hi)
+            for kind, n, children, lo, hi in conn.execute(
+                "SELECT kind, count(*), count(ref), min(seq), max(seq) FROM events "
+                "WHERE run_id = ? AND task = ? AND seq > ? GROUP BY kind",
+                (run_id, name, since),
+            )
+        )
     tasks: dict[str, list[int]] = {}  # first seq, last seq, child attempts started, done
-    for kind, task, _, children, lo, hi in rows:
+    for kind, task, _, children, lo, hi in counted:
         if task is not None:
             t = tasks.setdefault(task, [lo, hi, 0, 0])
             t[0], t[1] = min(t[0], lo), max(t[1], hi)
@@ -1101,12 +1113,11 @@ def _fold_run(conn: sqlite3.Connection, run_id: str) -> RunHistory:
             ends[i] = row[0]
     wanted = {first_seq, last_seq, *ends.values(), *(v for t in tasks.values() for v in t[:2])}
     ts_of = _timestamps(conn, sorted(wanted))
-    history.events = sum(row[2] for row in rows)
     history.first_ts, history.last_ts = ts_of[first_seq], ts_of[last_seq]
     history.last_seq = last_seq
     for i, seq in ends.items():
         spans[i].end = ts_of[seq]
-    failures = _child_failures(conn, run_id)
+    failures = _child_failures(conn, run_id, history.reruns)
     for name, (lo, hi, started, done) in tasks.items():
         task = history.task_history(name)
         task.first_ts, task.last_ts = ts_of[lo], ts_of[hi]
@@ -1271,10 +1282,12 @@ def _timestamps(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
 
 
 def _child_failures(
-    conn: sqlite3.Connection, run_id: str
+    conn: sqlite3.Connection, run_id: str, reruns: dict[str, int]
 ) -> dict[str, tuple[set[int], set[int], int]]:
     """Per task: the refs of children failed (no ``task_over``) and of those tolerated, and how
-    many recovered (failed, then over)."""
+    many recovered (failed, then over). For a stage rerun from scratch (``reruns``: task ->
+    seq of that replay's event), only its children added since count: the earlier ones, and
+    all their events, are forgotten."""
     rows = conn.execute(
         "SELECT f.task, f.ref, json_extract(f.data, '$.tolerated'), EXISTS (SELECT 1 FROM events o "
         f"WHERE o.run_id = f.run_id AND o.kind IN {_SUCCESSES!r} AND o.task = f.task "
@@ -1284,6 +1297,8 @@ def _child_failures(
     )
     children: dict[tuple[str, int], list[bool]] = {}
     for task, ref, tolerated, over in rows:
+        if ref <= reruns.get(task, 0):  # a child of the stage's forgotten work
+            continue
         seen = children.setdefault((task, ref), [False, bool(over)])
         seen[0] = seen[0] or bool(tolerated)
     found: dict[str, tuple[set[int], set[int], int]] = {}
@@ -1317,6 +1332,18 @@ def _running_children(
     for task, ref, attempt, seq, ts, child_id in rows:
         found.setdefault(task, {})[(ref, attempt)] = (seq, ts, decode_id(child_id))
     return found
+
+
+def _rerun_since(conn: sqlite3.Connection, run_id: str, task: str) -> int:
+    """The seq of the last ``replayed`` event of ``run_id`` that ran stage ``task`` again from
+    scratch (its ``rerun`` list names it), or 0: the fold's ``RunHistory.reruns``, in SQL, for
+    the readers of results."""
+    row = conn.execute(
+        f"SELECT max(seq) FROM events WHERE run_id = ? AND kind = '{REPLAYED}' AND EXISTS "
+        "(SELECT 1 FROM json_each(data, '$.rerun') WHERE value = ?)",
+        (run_id, task),
+    ).fetchone()
+    return int(row[0] or 0)
 
 
 def _row_status(row: tuple[Any, ...]) -> str:
@@ -1692,13 +1719,14 @@ class EventStore:
 
     def output(self, run_id: str, task: str, codec: Any = None) -> tuple[bool, Any]:
         """``(True, value)``: what ``task``'s parent attempt returned in run ``run_id`` (its
-        last success, whatever the segment); ``(False, None)`` if it has not returned."""
+        last success, whatever the segment, since a replay that ran the stage again from
+        scratch); ``(False, None)`` if it has not returned."""
         conn = self._connect()
         try:
             row = conn.execute(
                 "SELECT data FROM events WHERE run_id = ? AND kind = 'task_over' AND task = ? "
-                "AND ref IS NULL ORDER BY seq DESC LIMIT 1",
-                (run_id, task),
+                "AND ref IS NULL AND seq > ? ORDER BY seq DESC LIMIT 1",
+                (run_id, task, _rerun_since(conn, run_id, task)),
             ).fetchone()
         finally:
             conn.close()
@@ -1709,6 +1737,9 @@ class EventStore:
     def results(self, run_id: str, task: str, codec: Any = None) -> Iterator[tuple[Any, Any]]:
         """``(child_id, result)`` of the finished children of ``task``, in the order added.
 
+        Children of work a replay forgot (``on_change="rerun"`` ran the stage again from
+        scratch) are not among them: the fold does not count them either.
+
         Streams: rows are read in batches, never all at once. A result the flow's codec stored
         is decoded with ``codec`` (without one, it comes as the codec's text).
         """
@@ -1717,8 +1748,8 @@ class EventStore:
             cur = conn.execute(
                 "SELECT a.child_id, o.data FROM events o JOIN events a ON a.seq = o.ref "
                 "WHERE o.run_id = ? AND o.kind IN ('task_over', 'task_ran') AND o.task = ? "
-                "AND o.ref IS NOT NULL ORDER BY o.ref",
-                (run_id, task),
+                "AND o.ref > ? ORDER BY o.ref",
+                (run_id, task, _rerun_since(conn, run_id, task)),
             )
             while batch := cur.fetchmany(1000):
                 for cid, data in batch:

@@ -278,7 +278,10 @@ class _Builder:
             if not self.markers or self.markers[-1].kind not in FINAL_KINDS:
                 text = "the process ended without a final event (a crash or a kill)"
                 self.markers.append(Marker(end, "interrupted", text))
-            self.markers.append(Marker(t, "replayed", f"replay {data.get('segment', '')}"))
+            text = f"replay {data.get('segment', '')}"
+            if isinstance(data.get("rerun"), list):  # their earlier bars are work it redid
+                text += f", rerunning {', '.join(map(str, data['rerun']))} (code changed)"
+            self.markers.append(Marker(t, "replayed", text))
             return
         if kind in FINAL_KINDS:
             why = {
