@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,56 @@ def test_a_change_to_stages_that_never_started_is_no_reason_to_refuse(tmp_path, 
     (tmp_path / "later.py").write_text(PIPELINE.replace('ran("report", None)', 'ran("report", 3)'))
     later = _load(tmp_path / "later.py", "later_pipeline")
     assert later.Pipeline.replay(first.run_id, store=db).outcome == "failed_over"
+
+
+#: Square's child 2 waits, until it is cancelled, so that stopping the server interrupts the run.
+STUCK = PIPELINE.replace(
+    """    if child_id == 2:
+        raise ValueError("square 2 is broken")""",
+    """    if child_id == 2:
+        state["stuck"].set()
+        threadflow.sleep(60)  # wakes with CancelledError when the server stops""",
+).replace("import os\n", "import os\n\nimport threadflow\n")
+
+
+def test_resume_of_a_run_whose_code_changed_follows_start_links_on_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOURNAL", str(tmp_path / "journal.txt"))
+    db = str(tmp_path / "runs.db")
+    (tmp_path / "stuck.py").write_text(STUCK)
+    stuck_module = _load(tmp_path / "stuck.py", "stuck_pipeline")
+    stuck = threading.Event()
+    server = stuck_module.Pipeline.start_link(store=db, stuck=stuck)
+    handle = server.start_flow()
+    assert stuck.wait(60)
+    server.stop()  # the app is shut down mid-run: the run is interrupted
+    assert handle.result(60).outcome == "interrupted"
+    (tmp_path / "fixed.py").write_text(FIXED)
+    fixed = _load(tmp_path / "fixed.py", "fixed_pipeline")
+    with pytest.raises(ValueError, match="on_change must be 'refuse', 'rerun' or 'continue'"):
+        fixed.Pipeline.start_link(store=db, resume=True, on_change="redo")
+
+    # The default: the changed run is not resumed; its handle says why, and the server serves.
+    server = fixed.Pipeline.start_link(store=db, resume=True)
+    try:
+        (refused,) = server.resumed
+        with pytest.raises(ReplayError, match=r"task 'square' \(child_task_func\) changed"):
+            refused.result(60)
+    finally:
+        server.stop()
+    assert [r.status for r in EventStore(db).runs()] == ["interrupted"]
+
+    # on_change="rerun": square (changed) and report (after it) start over, load does not.
+    (tmp_path / "journal.txt").write_text("")
+    server = fixed.Pipeline.start_link(store=db, resume=True, on_change="rerun")
+    try:
+        (resumed,) = server.resumed
+        assert resumed.result(60).outcome == "all_over"
+    finally:
+        server.stop()
+    assert journal(tmp_path) == ["report None", "square 0", "square 1", "square 2"]
+    store = EventStore(db)
+    assert list(store.results(handle.run_id, "square")) == [(0, 0), (1, 100), (2, 200)]
+    assert list(store.results(handle.run_id, "load")) == [(0, 1), (1, 2), (2, 3)]
 
 
 # --- what a fingerprint covers ----------------------------------------------------------------

@@ -354,6 +354,7 @@ class Coordinator:
         self._requests_broken = False  # warned once that the requests table cannot be read
         self._next_cancel_look = 0.0  # when to look for a cancel of the run asked elsewhere
         self._resume: deque[RunHandle] = deque()  # interrupted runs to replay, oldest first
+        self._resume_on_change = "refuse"  # what those whose code changed do (ResumeRuns)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -739,6 +740,7 @@ class Coordinator:
             self._on_replay(msg.handle, msg.history, msg.reply, msg.rerun)
         elif isinstance(msg, ResumeRuns):
             self._resume.extend(msg.handles)
+            self._resume_on_change = msg.on_change
         elif isinstance(msg, CancelRun):
             self._on_cancel_run(msg.run_id, msg.reason)
         elif isinstance(msg, Stop):
@@ -873,7 +875,7 @@ class Coordinator:
         try:
             history = self.store.history(handle.run_id)
             check_same_flow(self.definition, history)
-            check_code(self.definition, history, "refuse", self.path)
+            rerun = check_code(self.definition, history, self._resume_on_change, self.path)
             self.core.take_slot_to_resume(handle)
             handle.segments_before = history.segments  # see RunHandle.progress()
         except Exception as exc:
@@ -882,7 +884,7 @@ class Coordinator:
             settle(handle, None, exc)
             return
         reply = Reply()
-        self._on_replay(handle, history, reply)
+        self._on_replay(handle, history, reply, rerun)
         if reply.error is not None:
             log.warning(
                 "threadflow: cannot resume run %s: %s", handle.run_id, describe(reply.error)

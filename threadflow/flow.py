@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import server, signals
 from ._clock import utcnow
-from .definition import RESERVED, FlowDefinition, check_code, check_flow, check_same_flow
+from .definition import (
+    ON_CHANGE,
+    RESERVED,
+    FlowDefinition,
+    check_code,
+    check_flow,
+    check_same_flow,
+)
 from .errors import EncodeError, FlowDefinitionError, ReplayError, ThreadflowError
 from .events import coded, dumps
 from .messages import ReplayRun, Reply, ResumeRuns, StartRun
@@ -197,6 +204,7 @@ class Flow:
         executor: Any = None,
         executors: Mapping[str, Any] | None = None,
         resume: bool = False,
+        on_change: str = "refuse",
         **extra_state: Any,
     ) -> _F:
         """Start a server: its coordinator thread opens the store and waits for runs.
@@ -217,6 +225,11 @@ class Flow:
             any new run: ``start_flow`` raises ``FlowRunning`` until the last of them has
             started. ``server.resumed`` holds their handles. For an app that must pick up
             where it crashed.
+        :param on_change: with ``resume``, what a run whose task code changed since it last
+            ran does, as for ``replay``: ``"refuse"`` (it is not resumed: its handle's
+            ``result()`` raises the ``ReplayError`` that names the changes, and a WARNING is
+            logged), ``"rerun"`` or ``"continue"``. An app that ships a fix and restarts
+            usually wants ``"continue"``.
         :param extra_state: entries put into every run's state.
         :raises AlreadyStarted: if a server with this name is running.
         :raises StoreError: if the store cannot be created, written or opened, or is corrupt.
@@ -232,6 +245,11 @@ class Flow:
         if definition is None:
             raise FlowDefinitionError(
                 f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
+            )
+        if on_change not in ON_CHANGE:
+            raise ValueError(
+                f"start_link(): on_change must be 'refuse', 'rerun' or 'continue', not "
+                f"{on_change!r} (see {cls.__qualname__}.replay)"
             )
         reserved = RESERVED & set(extra_state)
         if reserved:
@@ -269,10 +287,10 @@ class Flow:
             raise
         self._resumed = []
         if resume:
-            self._resume_interrupted()
+            self._resume_interrupted(on_change)
         return self
 
-    def _resume_interrupted(self) -> None:
+    def _resume_interrupted(self, on_change: str) -> None:
         coord = self._coord
         assert coord.definition is not None
         pending = coord.store.runs(status="interrupted", flow=coord.definition.name)
@@ -287,7 +305,7 @@ class Flow:
         ]
         if self._resumed:
             self._core.reserve_for_resume(self._resumed)
-            coord.post(ResumeRuns(list(self._resumed)))
+            coord.post(ResumeRuns(list(self._resumed), on_change))
 
     @property
     def resumed(self) -> list[RunHandle]:

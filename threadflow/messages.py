@@ -97,9 +97,11 @@ class ReplayRun:
 
 @dataclass(slots=True)
 class ResumeRuns:
-    """Replay these interrupted runs, one after the other, before any new run."""
+    """Replay these interrupted runs, one after the other, before any new run; a run whose
+    code changed follows ``on_change`` (see ``Flow.replay``)."""
 
     handles: list[RunHandle]
+    on_change: str = "refuse"
 
 
 @dataclass(slots=True)
