@@ -1,6 +1,7 @@
 """Helpers shared by the test files: signal recording and a bounded wait for outside facts."""
 
 import contextlib
+import signal
 import threading
 
 from threadflow import signals
@@ -53,3 +54,11 @@ def wait_until(predicate, within=10.0):
             return True
         tick.wait(0.01)
     return predicate()
+
+
+def ctrl_c_able() -> None:
+    """``preexec_fn`` of a program a test interrupts with SIGINT: the default disposition, as a
+    terminal's foreground job has. A program started with SIGINT ignored (a shell starts its
+    background jobs so) keeps ignoring it: Python only turns SIGINT into KeyboardInterrupt
+    when it finds the default disposition at start-up."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

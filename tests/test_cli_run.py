@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import ctrl_c_able
 
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, add_children_tasks, task
@@ -260,6 +261,7 @@ def test_ctrl_c_stops_records_the_run_interrupted_and_prints_the_replay_command(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_able,
     )
     try:
         seen = []

@@ -19,6 +19,7 @@ import threading
 
 import pytest
 import subprocess_tasks as sub_tasks
+from helpers import ctrl_c_able
 
 import threadflow
 from threadflow import (
@@ -524,6 +525,7 @@ def test_ctrl_c_in_flow_run_records_the_run_interrupted_and_says_how_to_replay(s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_able,
     )
     try:
         assert proc.stdout.readline().strip() == "running"

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import ctrl_c_able
 
 from threadflow import EventStore
 
@@ -41,7 +42,14 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
         self.master = master
         self.proc = subprocess.Popen(
-            args, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, close_fds=True
+            args,
+            cwd=cwd,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            close_fds=True,
+            preexec_fn=ctrl_c_able,
         )
         os.close(slave)
         self.screen = pyte.Screen(COLUMNS, ROWS)
