@@ -267,7 +267,7 @@ def test_children_on_dask_are_paced(store_path, tmp_path):
             n_workers=1,
             threads_per_worker=4,
             processes=False,  # the scheduler, batches and futures are Dask's all the same
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: None means 8787, which may be taken
             local_directory=str(tmp_path / "dask"),
         )
     try:

@@ -37,9 +37,10 @@ from threadflow import (
 
 HANG_GUARD = 30  # seconds: only a guard against a hanging test, never a synchronisation
 GONE_WITHIN = 5.0  # seconds a killed process gets to disappear
-# A task's timeout covers the boot of a new process (about 0.1 s, much more on a busy machine):
-# long enough for that, short enough to keep the file quick.
-TIMEOUT = 1.0
+# A task's timeout covers the boot of a new process (about 0.1 s; over a second on a machine
+# running several test suites at once): long enough for that, short enough to keep the file
+# quick.
+TIMEOUT = 2.0
 
 
 # --- helpers ------------------------------------------------------------------------------------
