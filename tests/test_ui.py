@@ -210,7 +210,16 @@ def test_run_page_timeline_and_progress_follow_the_run(gated, serve):
 
     before = get(ds, url).json()
     open_gates(handle, gates, 0, 1, done=2)
-    after = get(ds, url).json()
+    # A poll may get the chart of a moment ago (its rebuilds are spaced by what they cost, which
+    # on a busy machine is a while): the next polls catch up.
+    polls = []
+
+    def caught_up():
+        polls.append(get(ds, url).json())
+        return polls[-1]["html"]["timeline"].count(OVER) == 3
+
+    assert wait_until(caught_up)
+    after = polls[-1]
 
     assert (before["status"], before["done"], before["running"]) == ("running", 0, 4)
     assert (after["status"], after["done"], after["running"]) == ("running", 2, 4)
