@@ -4,6 +4,8 @@ every step logged to SQLite.
 The public names are re-exported here; see ``docs/`` and ``API.md`` for the contract.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import signals
 from .cancel import CancelToken, current_token, sleep
 from .children import add_child_task, add_children_tasks, output, results
@@ -25,10 +27,22 @@ from .errors import (
 from .events import RunningAttempt
 from .flow import Flow, _registry_servers  # noqa: F401
 from .result import Progress, RunHandle, RunResult, TaskProgress
-from .schedule import Schedule
 from .store import EventStore, Tick
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
+
+
+def __getattr__(name: str) -> Any:
+    # Schedule is imported when first asked for: its module brings socket and difflib, which
+    # an app without schedules (and a reader of the store) never needs.
+    if name == "Schedule":
+        from .schedule import Schedule
+
+        return Schedule
+    raise AttributeError(f"module 'threadflow' has no attribute {name!r}")
 
 __all__ = [
     "ALL_OVER",

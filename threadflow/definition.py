@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._fingerprint import compare, task_fingerprints
 from .errors import FlowDefinitionError, ReplayError
 from .events import RunHistory, codec_ref
 
@@ -466,6 +465,10 @@ def check_flow(cls: type) -> FlowDefinition | None:
             ) from None
     module = getattr(cls, "__module__", "") or ""
     importable = module not in ("", "__main__") and "<" not in cls.__qualname__
+    # Here, not at the top: it brings ast, hashlib and dis, which a reader of the store (the
+    # CLI, the dashboard) that defines no flow never needs.
+    from ._fingerprint import task_fingerprints
+
     return FlowDefinition(
         flow,
         MappingProxyType(tasks),
@@ -540,6 +543,8 @@ def code_changes(definition: FlowDefinition, history: RunHistory) -> CodeChanges
     (recorded by its ``flow_started`` or latest ``replayed``)."""
     now = {name: dict(fps) for name, fps in definition.fingerprints.items()}
     recorded = history.fingerprints
+    from ._fingerprint import compare
+
     verdict = compare(recorded, now)
     functions: dict[str, list[str]] = {}
     for name, state in verdict.items():
