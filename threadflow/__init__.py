@@ -44,6 +44,10 @@ def __getattr__(name: str) -> Any:
         return Schedule
     raise AttributeError(f"module 'threadflow' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 __all__ = [
     "ALL_OVER",
     "AlreadyStarted",
