@@ -113,7 +113,6 @@ def portable(definition: Any) -> Any:
         definition,
         tasks=tasks,
         predecessors=dict(definition.predecessors),
-        fingerprints=dict(definition.fingerprints),
     )
 
 

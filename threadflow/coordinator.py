@@ -861,7 +861,7 @@ class Coordinator:
                     "pid": os.getpid(),
                     "host": self._host,
                     "definition": definition,
-                    "fingerprints": {n: dict(f) for n, f in d.fingerprints.items()},
+                    "fingerprints": d.fingerprints,
                 }
             ),
         )
@@ -954,7 +954,7 @@ class Coordinator:
                     "pid": os.getpid(),
                     "host": self._host,
                     # The code this segment runs: what the next replay compares with.
-                    "fingerprints": {n: dict(f) for n, f in d.fingerprints.items()},
+                    "fingerprints": d.fingerprints,
                     **({"rerun": sorted(rerun)} if rerun else {}),
                 }
             ),

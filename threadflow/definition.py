@@ -176,8 +176,8 @@ class FlowDefinition:
     #: Per task, the fingerprints of its functions (``task_func``, ``child_task_func``), taken
     #: when the class is made, while its module's source is the code that was imported: what
     #: ``flow_started`` and ``replayed`` record, and what a replay compares (see
-    #: ``_fingerprint.py``).
-    fingerprints: Mapping[str, Mapping[str, str | None]] = field(default_factory=dict)
+    #: ``_fingerprint.py``). Plain dicts, as the events write them (never changed).
+    fingerprints: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def reachable(self, entrance: str) -> frozenset[str]:
         """The tasks a run started at ``entrance`` can reach."""
@@ -476,7 +476,7 @@ def check_flow(cls: type) -> FlowDefinition | None:
         MappingProxyType({n: frozenset(p) for n, p in preds.items()}),
         f"{module}:{cls.__qualname__}" if importable else None,
         codec,
-        MappingProxyType(task_fingerprints(tasks)),
+        task_fingerprints(tasks),
     )
 
 
@@ -513,6 +513,14 @@ def check_same_flow(definition: FlowDefinition, history: RunHistory) -> None:
 ON_CHANGE = ("refuse", "rerun", "continue")
 
 
+def check_on_change(on_change: object, run_id: str = "") -> None:
+    """:raises ReplayError: (a ``ValueError``) unless ``on_change`` is one of :data:`ON_CHANGE`."""
+    if on_change not in ON_CHANGE:
+        raise ReplayError(
+            run_id, f"on_change must be 'refuse', 'rerun' or 'continue', not {on_change!r}"
+        )
+
+
 @dataclass(frozen=True)
 class CodeChanges:
     """The code of a flow now against the fingerprints a run's log recorded.
@@ -541,7 +549,7 @@ class CodeChanges:
 def code_changes(definition: FlowDefinition, history: RunHistory) -> CodeChanges:
     """Compare the task functions of ``definition`` with those that last ran ``history``'s run
     (recorded by its ``flow_started`` or latest ``replayed``)."""
-    now = {name: dict(fps) for name, fps in definition.fingerprints.items()}
+    now = definition.fingerprints
     recorded = history.fingerprints
     from ._fingerprint import compare
 
@@ -560,14 +568,9 @@ def code_changes(definition: FlowDefinition, history: RunHistory) -> CodeChanges
         else frozenset()
     )
     changed = sorted(n for n in reachable if verdict.get(n) in ("changed", "added"))
-    rerun = set(changed)
-    todo = list(changed)
-    while todo:
-        for nxt in definition.tasks[todo.pop()].successors:
-            if nxt not in rerun:
-                rerun.add(nxt)
-                todo.append(nxt)
-    return CodeChanges(verdict, functions, changed, frozenset(rerun & reachable))
+    # The changed stages and every stage after them: each one's own reach (within the run's).
+    rerun = frozenset().union(*(definition.reachable(n) for n in changed))
+    return CodeChanges(verdict, functions, changed, rerun)
 
 
 def check_code(
@@ -585,11 +588,7 @@ def check_code(
         stage the run can reach changed, naming each and the ways to go on.
     """
     run_id = history.run_id
-    if on_change not in ON_CHANGE:
-        raise ReplayError(
-            run_id,
-            f"on_change must be 'refuse', 'rerun' or 'continue', not {on_change!r}",
-        )
+    check_on_change(on_change, run_id)
     changes = code_changes(definition, history)
     if not changes.changed or on_change == "continue":
         return frozenset()

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from . import server, signals
 from ._clock import utcnow
 from .definition import (
-    ON_CHANGE,
     RESERVED,
     FlowDefinition,
     check_code,
     check_flow,
+    check_on_change,
     check_same_flow,
 )
 from .errors import EncodeError, FlowDefinitionError, ReplayError, ThreadflowError
@@ -235,7 +235,8 @@ class Flow:
         :raises StoreError: if the store cannot be created, written or opened, or is corrupt.
         :raises TypeError: for an executor without ``submit()``.
         :raises ValueError: for a task that names an executor not in ``executors``, a task
-            with ``isolation="subprocess"`` in a remote executor, or a bad ``store_mode``.
+            with ``isolation="subprocess"`` in a remote executor, or a bad ``store_mode``; a
+            ``ReplayError`` (a ``ValueError``) for an ``on_change`` that is none of the three.
         """
         from .coordinator import Coordinator
         from .executors import resolve
@@ -246,11 +247,7 @@ class Flow:
             raise FlowDefinitionError(
                 f"flow {cls.__qualname__!r} has no tasks; declare tasks with task(...)"
             )
-        if on_change not in ON_CHANGE:
-            raise ValueError(
-                f"start_link(): on_change must be 'refuse', 'rerun' or 'continue', not "
-                f"{on_change!r} (see {cls.__qualname__}.replay)"
-            )
+        check_on_change(on_change)
         reserved = RESERVED & set(extra_state)
         if reserved:
             raise TypeError(
