@@ -330,14 +330,22 @@ def codec_of(ref: Any) -> Any:
 # -- the fold --------------------------------------------------------------------------------
 
 
-def ts_seconds(ts: str | None) -> float | None:
-    """An event's ``ts`` (ISO 8601) as seconds since the epoch; None for none or a bad one."""
-    if not ts:
+def ts_datetime(ts: object) -> datetime.datetime | None:
+    """A stored time (an event's ``ts``, ISO 8601) as an aware datetime, UTC if it names no
+    zone; None for none or for text that is not a time."""
+    if not isinstance(ts, str):
         return None
     try:
-        return datetime.datetime.fromisoformat(ts).timestamp()
-    except (TypeError, ValueError):
+        when = datetime.datetime.fromisoformat(ts)
+    except ValueError:
         return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def ts_seconds(ts: str | None) -> float | None:
+    """An event's ``ts`` (ISO 8601) as seconds since the epoch; None for none or a bad one."""
+    when = ts_datetime(ts)
+    return None if when is None else when.timestamp()
 
 
 @dataclass

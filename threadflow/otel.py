@@ -55,6 +55,7 @@ from .events import (
     describe,
     safe_repr,
     safe_text,
+    ts_datetime,
 )
 from .flow import Flow
 
@@ -238,12 +239,9 @@ class Instrumentation:
         events of one coordinator turn share their ts, so the last one is kept."""
         if ts is not None and ts == self._last_ts:
             return self._last_ns
-        try:
-            when = datetime.datetime.fromisoformat(ts)
-        except (TypeError, ValueError):  # no ts: a receiver of an older engine
+        when = ts_datetime(ts)
+        if when is None:  # no ts: a receiver of an older engine
             return time.time_ns()
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
         self._last_ts, self._last_ns = ts, (when - _EPOCH) // _MICROSECOND * 1000
         return self._last_ns
 

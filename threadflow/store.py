@@ -62,6 +62,7 @@ from .events import (
     owner_alive,
     run_status,
     safe_text,
+    ts_datetime,
 )
 
 log = logging.getLogger("threadflow")
@@ -211,17 +212,6 @@ class Tick:
     decided: datetime.datetime | None = None
     pid: int | None = None
     host: str | None = None
-
-
-def _when(text: Any) -> datetime.datetime | None:
-    """A stored time as an aware datetime (None for none or for text that is not a time)."""
-    if not isinstance(text, str):
-        return None
-    try:
-        value = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=datetime.timezone.utc)
 
 
 def create_file(path: str, mode: int = FILE_MODE) -> None:
@@ -1698,7 +1688,7 @@ class EventStore:
         for name, tick, decision, run_id, count, first, detail, decided, pid, host in reversed(
             rows
         ):
-            when = _when(tick)
+            when = ts_datetime(tick)
             if when is None:  # not written by threadflow: shown as nothing rather than a crash
                 continue
             ticks.append(
@@ -1708,9 +1698,9 @@ class EventStore:
                     str(decision),
                     run_id if isinstance(run_id, str) else None,
                     count if isinstance(count, int) else 1,
-                    _when(first),
+                    ts_datetime(first),
                     detail if isinstance(detail, str) else None,
-                    _when(decided),
+                    ts_datetime(decided),
                     pid if isinstance(pid, int) else None,
                     host if isinstance(host, str) else None,
                 )
