@@ -489,6 +489,7 @@ def test_the_ticks_command_lists_ticks_and_escapes_control_characters(store_path
         ({"every": 5, "catch_up_limit": 0}, ValueError, r"catch_up_limit=0\): must be at least"),
         ({"every": 5, "inputs": {"scheduled_at": 1}}, TypeError, r"inputs has an entry"),
         ({"every": 5, "inputs": {"run_id": 1}}, TypeError, r"set by threadflow"),
+        ({"every": 5, "tick_input": "run_id"}, TypeError, r"\['run_id'\] are set by threadflow"),
         ({"every": 5, "entrance": "gone"}, threadflow.FlowDefinitionError, r"not a task"),
     ],
 )

@@ -619,10 +619,12 @@ class Flow:
         try:
             srv = server if server is not None else cls.start_link(store=path)
             try:
-                # Checked now, not at the first tick: the check start_flow makes.
-                _checked_inputs(
-                    str(srv.name), srv._coord.extra, dict(opts.inputs), definition.codec
-                )
+                # Checked now, not at the first tick: the check start_flow makes, of the
+                # inputs every tick passes (the tick's own input included).
+                inputs = dict(opts.inputs)
+                if opts.tick_input is not None:
+                    inputs[opts.tick_input] = ""
+                _checked_inputs(str(srv.name), srv._coord.extra, inputs, definition.codec)
                 return _schedule.start(srv, server is None, opts, key)
             except BaseException:
                 if server is None:
