@@ -378,6 +378,9 @@ class Schedule:
         self._cursor: datetime.datetime | None = None
         self._born = utcnow()
         self._active: RunHandle | None = None
+        # The run of someone else that keeps the server busy, whose end wakes this schedule:
+        # its callback is added once, however many ticks find it still running.
+        self._blocker: RunHandle | None = None
         self._waiting: list[_Waiting] = []
         self._last_error = ""
         # Set by stop(), by the end of a run it waits for, and by stop() again to wake it.
@@ -709,7 +712,8 @@ class Schedule:
             # A run this schedule did not start (a manual one, another schedule's): wake up
             # when it ends, to start what waits.
             other = self.server._core.busy_with()
-            if other is not None:
+            if other is not None and other is not self._blocker:
+                self._blocker = other
                 other._call_when_done(self._woken)
             return f"server {self.server.name!r} is busy with run {exc.run_id}"
         except ThreadflowError as exc:
