@@ -195,11 +195,12 @@ class FlowDefinition:
         if entrance not in self.tasks:
             raise FlowDefinitionError(
                 f"flow {self.name!r}: entrance {entrance!r} is not a task"
-                f"{_suggest(entrance, self.tasks)}; tasks are {sorted(self.tasks)}"
+                f"{suggest(entrance, self.tasks)}; tasks are {sorted(self.tasks)}"
             )
 
 
-def _suggest(name: Any, names: Any) -> str:
+def suggest(name: Any, names: Any) -> str:
+    """``; did you mean 'x'?`` for the closest of ``names`` to a misspelt ``name``, or ''."""
     close = difflib.get_close_matches(str(name), list(names), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -338,7 +339,7 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
     if spec.isolation not in _ISOLATIONS:
         raise fail(
             f"has isolation={spec.isolation!r}, which is unknown; use 'thread' or "
-            f"'subprocess'{_suggest(spec.isolation, _ISOLATIONS)}"
+            f"'subprocess'{suggest(spec.isolation, _ISOLATIONS)}"
         )
     if spec.isolation == "subprocess":
         if not hasattr(os, "killpg"):
@@ -402,7 +403,7 @@ def _check_task(flow: str, spec: TaskSpec, names: Mapping[str, TaskSpec]) -> Non
         )
     for target in targets:
         if target not in names:
-            raise fail(f"names next={target!r}, which is not a task{_suggest(target, names)}")
+            raise fail(f"names next={target!r}, which is not a task{suggest(target, names)}")
         if target == name:
             raise fail(f"names itself as next; tasks form a cycle: {name} -> {name}")
     spec.successors = tuple(targets)
@@ -445,7 +446,7 @@ def check_flow(cls: type) -> FlowDefinition | None:
     elif not isinstance(entrance, str) or entrance not in tasks:
         raise FlowDefinitionError(
             f"flow {flow!r}: default_entrance={entrance!r} is not a task"
-            f"{_suggest(entrance, tasks)}; tasks are {sorted(tasks)}"
+            f"{suggest(entrance, tasks)}; tasks are {sorted(tasks)}"
         )
     codec = getattr(cls, "codec", None)
     if codec is not None and not (

@@ -811,7 +811,15 @@ def owner_alive(pid: int | None, host: str | None, heartbeat: float | None) -> b
 
     Its heartbeat must be recent; on this host its pid must also exist (a crash is seen at once).
     """
-    if heartbeat is None or pid is None or wall() - heartbeat > LEASE:
+    if heartbeat is None or wall() - heartbeat > LEASE:
+        return False
+    return pid_alive(pid, host)
+
+
+def pid_alive(pid: object, host: object) -> bool:
+    """Whether process ``pid`` of ``host`` exists: asked of the system on this host; taken as
+    alive on another (what has no heartbeat can tell no better)."""
+    if not isinstance(pid, int):
         return False
     if host == socket.gethostname():
         try:

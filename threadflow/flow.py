@@ -85,12 +85,6 @@ if TYPE_CHECKING:
     from .schedule import Schedule
 
 
-def _running_server(name: Any) -> ServerCore | None:
-    """The server of this process named ``name`` (for methods whose ``server`` argument hides
-    the module)."""
-    return server.lookup(name)
-
-
 def _registry_servers() -> list[Flow]:
     """The servers registered in this process (for shutdown and test clean-up)."""
     return [core.flow for core in server.cores()]
@@ -610,7 +604,7 @@ class Flow:
                 )
         else:
             path = os.fspath(store) if store is not None else default_path()
-            if _running_server(cls._server_name) is not None:
+            if cls.whereis(cls._server_name) is not None:
                 raise ThreadflowError(
                     f"schedule(): a server named {cls._server_name!r} is already running in this "
                     f"process; pass it: {cls.__name__}.schedule(server=that_server, ...)"

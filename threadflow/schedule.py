@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import logging
 import math
 import os
@@ -29,8 +28,9 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._clock import utcnow, wall
+from .definition import suggest
 from .errors import FlowRunning, StoreError, ThreadflowError
-from .events import owner_alive
+from .events import owner_alive, pid_alive
 from .result import RunHandle
 from .store import EventStore, Tick, connect, ensure_schema
 
@@ -213,10 +213,9 @@ class _Options:
 
 def _choice(param: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"schedule({param}={value!r}): use one of {', '.join(map(repr, allowed))}{hint}"
+            f"schedule({param}={value!r}): use one of {', '.join(map(repr, allowed))}"
+            f"{suggest(value, allowed)}"
         )
     return str(value)
 
@@ -328,22 +327,6 @@ def check_options(
 
 
 # -- the schedule ----------------------------------------------------------------------------
-
-
-def _process_alive(pid: Any, host: Any) -> bool:
-    """Whether the process that wrote a waiting tick still lives: checked on this host; taken
-    as alive on another (a waiting tick has no heartbeat to go by)."""
-    if not isinstance(pid, int):
-        return False
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclasses.dataclass
@@ -692,7 +675,7 @@ class Schedule:
             "SELECT tick, pid, host FROM ticks WHERE schedule = ? AND decision = 'queued'",
             (self.name,),
         ):
-            if pid != self._pid and _process_alive(pid, host):
+            if pid != self._pid and pid_alive(pid, host):
                 return str(tick)
         return None
 
@@ -763,7 +746,7 @@ class Schedule:
             (self.name, *_PENDING),
         ).fetchall()
         for tick, pid, host in rows:
-            if pid == self._pid or not _process_alive(pid, host):
+            if pid == self._pid or not pid_alive(pid, host):
                 self._update(
                     conn,
                     datetime.datetime.fromisoformat(tick),
