@@ -251,6 +251,24 @@ def test_a_log_without_fingerprints_replays_as_before(failed_run):
     assert journal(workdir) == ["report None", "square 2"]
 
 
+def test_only_the_functions_that_compare_are_named_changed(failed_run):
+    workdir, db, run_id = failed_run
+    # square's task_func was recorded by the code object (its source could not be read then):
+    # a fingerprint of another kind, which says nothing about whether it changed.
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "UPDATE events SET data = json_set(data, '$.fingerprints.square.task_func', "
+            "'code:0000000000000000') WHERE kind = 'flow_started'"
+        )
+    conn.close()
+    (workdir / "pipeline.py").write_text(FIXED)
+    diff = cli(workdir, "replay", run_id, "--db", db, "--diff", "--json")
+    assert json.loads(diff.stdout)["functions"] == {"square": ["child_task_func"]}
+    refused = cli(workdir, "replay", run_id, "--db", db)
+    assert "task 'square' (child_task_func) changed" in refused.stderr
+
+
 # --- in one process: the Python API -------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ def _fingerprint(func: Any, depth: int) -> str | None:
         args = _plain((func.args, sorted(func.keywords.items())))
         if inner is None or args is None:
             return inner
-        return inner.split(":")[0] + ":" + _digest(inner + "|" + args)
+        return _kind(inner) + ":" + _digest(inner + "|" + args)
     if isinstance(func, types.MethodType):
         func = func.__func__
     if isinstance(func, (types.FunctionType, type)):
@@ -196,6 +196,21 @@ def task_fingerprints(tasks: Any) -> dict[str, dict[str, str | None]]:
     return found
 
 
+def _kind(fp: str) -> str:
+    """``src`` or ``code``: how a fingerprint was taken (two kinds never compare)."""
+    return fp.split(":", 1)[0]
+
+
+def differs(before: object, now: str | None) -> bool:
+    """Whether a function changed: a fingerprint on both sides, of one kind, not equal."""
+    return (
+        isinstance(before, str)
+        and now is not None
+        and _kind(before) == _kind(now)
+        and (before != now)
+    )
+
+
 def compare(
     recorded: dict[str, Any] | None, now: dict[str, dict[str, str | None]]
 ) -> dict[str, str]:
@@ -211,12 +226,7 @@ def compare(
         if not isinstance(old, dict):
             verdict[name] = "added"
             continue
-        changed = False
-        for key, fp in functions.items():
-            before = old.get(key)
-            if isinstance(before, str) and fp is not None:
-                if before.split(":")[0] == fp.split(":")[0] and before != fp:
-                    changed = True
+        changed = any(differs(old.get(key), fp) for key, fp in functions.items())
         verdict[name] = "changed" if changed else "unchanged"
     for name in recorded:
         if name not in now:

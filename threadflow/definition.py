@@ -552,16 +552,14 @@ def code_changes(definition: FlowDefinition, history: RunHistory) -> CodeChanges
     (recorded by its ``flow_started`` or latest ``replayed``)."""
     now = definition.fingerprints
     recorded = history.fingerprints
-    from ._fingerprint import compare
+    from ._fingerprint import compare, differs
 
     verdict = compare(recorded, now)
     functions: dict[str, list[str]] = {}
     for name, state in verdict.items():
         if state == "changed" and recorded is not None:
             old = recorded.get(name) or {}
-            functions[name] = [
-                key for key, fp in now[name].items() if old.get(key) != fp and fp is not None
-            ]
+            functions[name] = [key for key, fp in now[name].items() if differs(old.get(key), fp)]
     entrance = history.entrance
     reachable = (
         definition.reachable(entrance)
