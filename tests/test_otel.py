@@ -4,7 +4,6 @@ Every test records into its own TracerProvider (an InMemorySpanExporter behind a
 SimpleSpanProcessor), passed to instrument(): no global provider is set.
 """
 
-import datetime
 import logging
 import queue
 import re
@@ -20,6 +19,7 @@ from opentelemetry.trace import StatusCode
 
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, add_children_tasks, results, task
+from threadflow.events import ts_seconds
 from threadflow.otel import instrument
 
 GUARD = 30.0  # seconds: a hang guard for result() and queue.get(), never a synchronisation
@@ -141,10 +141,9 @@ def recorder():
 
 
 def ns(ts):
-    """An event's ts as the nanoseconds a span holds."""
-    when = datetime.datetime.fromisoformat(ts)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    return (when - epoch) // datetime.timedelta(microseconds=1) * 1000
+    """An event's ts as the nanoseconds a span holds: its microseconds, exactly (worked out
+    apart from the tracer's own arithmetic, through the float seconds of the log's readers)."""
+    return round(ts_seconds(ts) * 1_000_000) * 1000
 
 
 def log_times(store_path, run_id):

@@ -8,7 +8,6 @@ machine makes gaps longer, never shorter.
 """
 
 import concurrent.futures as cf
-import datetime
 import itertools
 import multiprocessing
 import threading
@@ -31,20 +30,17 @@ from threadflow import (
     task,
 )
 from threadflow.coordinator import STAMP_REUSE
+from threadflow.events import ts_seconds
 
 HANG_GUARD = 60  # seconds: only a guard against a hang, never a timing assertion
 #: What a stamp may lose: the reuse of a turn's stamp, and a microsecond of rounding.
 SLACK = STAMP_REUSE + 2e-6
 
 
-def _seconds(ts: str) -> float:
-    return datetime.datetime.fromisoformat(ts).timestamp()
-
-
 def child_starts(store_path, run_id, stage="fetch"):
     """``(child_id, attempt, seconds)`` of every child start of ``stage``, in log order."""
     return [
-        (e.child_id, e.attempt, _seconds(e.ts))
+        (e.child_id, e.attempt, ts_seconds(e.ts))
         for e in EventStore(store_path).events(run_id, "task_started")
         if e.task == stage and e.child_id is not None
     ]
@@ -373,7 +369,7 @@ def test_the_limit_keeps_real_time_under_a_frozen_clock(store_path, start_clock)
     assert min(gaps(start_clock)) >= 1 / 20
     # The log follows the frozen clock (so its stamps cannot show the pace).
     assert {ts for _, _, ts in child_starts(store_path, res.run_id)} == {
-        _seconds("2020-01-01T00:00:00+00:00")
+        ts_seconds("2020-01-01T00:00:00+00:00")
     }
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import threadflow
 from threadflow import ALL_OVER, EventStore, Flow, add_children_tasks, task
 from threadflow.definition import rate_interval
+from threadflow.events import ts_seconds
 
 DEFAULT_CASES = ("20/s:10", "200/s:5", "120/m:10")
 
@@ -112,7 +113,7 @@ def run_case(rate: str, seconds: float, folder: str) -> list[tuple[str, dict[str
     assert result.outcome == "all_over", result.error
     rows.append(("child", figures(list(began), interval), cpu_share))
     stamps = [
-        datetime.datetime.fromisoformat(e.ts).timestamp()
+        ts_seconds(e.ts)
         for e in EventStore(path).events(result.run_id, "task_started")
         if e.child_id is not None
     ]
