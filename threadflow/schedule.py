@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import utcnow, wall
 from .definition import suggest
-from .errors import FlowRunning, StoreError, ThreadflowError
+from .errors import FlowRunning, ThreadflowError
 from .events import owner_alive, pid_alive
 from .result import RunHandle
-from .store import EventStore, Tick, connect, ensure_schema
+from .store import EventStore, Tick, connect
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -347,12 +347,19 @@ class Schedule:
         :meth:`stop`).
     """
 
-    def __init__(self, srv: Flow, owns: bool, opts: _Options, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        srv: Flow,
+        owns: bool,
+        opts: _Options,
+        conn: sqlite3.Connection,
+        key: tuple[str, str],
+    ) -> None:
         self.name = opts.name
         self.server = srv
         self.owns_server = owns
         self._opts = opts
-        self._path = srv.store.path
+        self._key = key  # (store path, name), which claim_name took: released as it ends
         self._pid = os.getpid()
         self._host = socket.gethostname()
         # Owned by the scheduler thread once it starts: the connection, the cursor (the last
@@ -392,7 +399,7 @@ class Schedule:
     @property
     def store(self) -> EventStore:
         """The ``EventStore`` the schedule records its ticks in (its server's)."""
-        return EventStore(self._path)
+        return self.server.store
 
     def ticks(self, limit: int | None = None) -> list[Tick]:
         """This schedule's recorded ticks, oldest first: ``store.ticks(name)``."""
@@ -439,9 +446,6 @@ class Schedule:
 
     # -- the scheduler thread ----------------------------------------------------------------
 
-    def _start(self) -> None:
-        self._thread.start()
-
     def _main(self) -> None:
         first = True
         try:
@@ -486,8 +490,7 @@ class Schedule:
             self._stopping.set()
             self._give_up_waiting("the schedule stopped before this tick could run")
             self._conn.close()
-            with _running_lock:
-                _running.discard((self._path, self.name))
+            release_name(self._key)
 
     def _logged_once(self, message: str) -> None:
         if message != self._last_error:
@@ -795,20 +798,8 @@ def release_name(key: tuple[str, str]) -> None:
 def start(srv: Flow, owns: bool, opts: _Options, key: tuple[str, str]) -> Schedule:
     """Start the schedule's thread on server ``srv`` (checked by ``Flow.schedule``), under the
     name ``key`` that ``claim_name`` took."""
-    conn = _open(srv.store.path)
-    sched = Schedule(srv, owns, opts, conn)
-    sched._path = key[0]
-    sched._start()
+    # The scheduler thread's own connection; the server's writer has brought the store to this
+    # version's schema (its ticks table) before start_link returned.
+    sched = Schedule(srv, owns, opts, connect(srv.store.path, shared=True), key)
+    sched._thread.start()
     return sched
-
-
-def _open(path: str) -> sqlite3.Connection:
-    """The scheduler's connection (used by its thread only), the store brought to this
-    version's schema (a ``ticks`` table)."""
-    conn = connect(path, shared=True)
-    try:
-        ensure_schema(conn)
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise StoreError(path, f"cannot set up the store {path!r}: {exc}") from exc
-    return conn
