@@ -347,13 +347,14 @@ class Instrumentation:
 
     # -- ending a run -----------------------------------------------------------------------
 
-    def _end_run(self, run: _Run, outcome: str, end: int) -> None:
-        """End every open span of ``run``: attempts still running were cut off by its end."""
+    def _end_run(self, run: _Run, outcome: str | None, end: int) -> None:
+        """End every open span of ``run``: attempts still running were cut off by its end
+        (``outcome`` None: an end the log does not tell; nothing is said of any span)."""
         # Forgotten first, and each span ended on its own: an exporter that raises loses that
         # span, not the others nor the bookkeeping.
         del self._runs[run.run_id]
         for span in run.attempts.values():
-            self._end(span, "cancelled", end)
+            self._end(span, None if outcome is None else "cancelled", end)
         for stage in run.stages.values():
             self._end(stage.span, outcome, end)
         self._end(run.span, outcome, end)
@@ -379,13 +380,9 @@ class Instrumentation:
         except BaseException:  # the store is gone (a deleted file): end them now
             log.debug("threadflow: could not read run %s's end", run.run_id, exc_info=True)
         if final is None:
-            del self._runs[run.run_id]
-            now = time.time_ns()
-            for span in (*run.attempts.values(), *(s.span for s in run.stages.values())):
-                self._end(span, None, now)
-            self._end(run.span, None, now)
-            return
-        self._end_run(run, final.kind, self._ns(final.ts))
+            self._end_run(run, None, time.time_ns())
+        else:
+            self._end_run(run, final.kind, self._ns(final.ts))
 
 
 def _error_text(error: BaseException) -> str:
