@@ -7,6 +7,7 @@ compares the fingerprints the log recorded with the code it imports now.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -396,6 +397,16 @@ def test_functions_that_cannot_be_read_never_fail_a_run(store_path):
     assert fps["third"]["task_func"] is not None
     assert fps["fourth"]["task_func"] is None
     assert Odd.run(store=store_path).outcome == "all_over"
+
+
+def test_a_partials_arguments_are_part_of_its_fingerprint():
+    def scale(factors, child, state):
+        return child
+
+    base = fingerprint(functools.partial(scale, (1, 2)))
+    assert base == fingerprint(functools.partial(scale, (1, 2)))
+    assert base != fingerprint(functools.partial(scale, (1, 3)))
+    assert base != fingerprint(functools.partial(scale, [1, 2]))  # another value: a list
 
 
 def test_a_function_without_source_gets_a_code_fingerprint():

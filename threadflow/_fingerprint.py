@@ -76,13 +76,16 @@ def _fingerprint(func: Any, depth: int) -> str | None:
 
 
 def _plain(value: Any) -> str | None:
-    """``repr`` of plain constants (and tuples, lists, dicts of them), else None: the repr of
+    """``repr`` of plain constants (and tuples and lists of them), else None: the repr of
     other objects may hold an address, which changes from run to run."""
     if isinstance(value, _PLAIN):
         return repr(value)
     if isinstance(value, (tuple, list)):
         parts = [_plain(v) for v in value]
-        return None if None in parts else f"({','.join(p for p in parts if p is not None)})"
+        if None in parts:
+            return None
+        text = ",".join(p for p in parts if p is not None)  # (all are: for the type checker)
+        return f"({text})" if isinstance(value, tuple) else f"[{text}]"
     return None
 
 
@@ -95,17 +98,19 @@ def _of_source(obj: Any) -> str | None:
         source = inspect.getsource(obj)
     except (OSError, TypeError):
         return None
+    is_lambda = getattr(obj, "__name__", None) == "<lambda>"
     tree: ast.Module | None
     try:
         tree = ast.parse(textwrap.dedent(source))
     except SyntaxError:
         # A lambda's lines are those of the statement around it, maybe cut in the middle of
-        # a call: try the lambda alone.
-        tree = _lambda_tree(source)
+        # a call: try the lambda alone. Anything else that does not parse: no source
+        # fingerprint (its code object's is taken).
+        tree = _lambda_tree(source) if is_lambda else None
     if tree is None:
         return None
     node: ast.AST = tree
-    if getattr(obj, "__name__", None) == "<lambda>":
+    if is_lambda:
         lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
         if len(lambdas) != 1:  # several lambdas on its lines: which one is not known
             return None
